@@ -1,0 +1,1 @@
+"""Pixel-SAIL model: configuration, modeling, processing. Imports torch and transformers only."""

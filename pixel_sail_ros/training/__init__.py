@@ -1,0 +1,1 @@
+"""Training and evaluation: ShapesRef, manifests, losses, metrics, CLIs. No ROS."""
