@@ -1,0 +1,559 @@
+"""The `pixel_sail` lifecycle node: camera frames + text prompts / clicks → masks, descriptions and 3D.
+
+Threading model (why it looks like this): camera callbacks only store the newest frame in a single slot;
+one worker thread runs the model on whatever is newest when it is free, so latency stays bounded and a slow
+model drops frames (counted) instead of queueing them. The `segment` service runs in its own callback group
+and shares the engine through a lock. The model is loaded once in `configure` and freed in `deactivate`.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point, PointStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, DurabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String
+
+try:  # Jazzy and newer
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks  # type: ignore[no-redef]
+
+from pixel_sail_ros.msg import SegmentationResult
+from pixel_sail_ros.srv import Segment
+
+from . import conversions, image_conversion, point_cloud, visualization
+from .parameters import PARAMETERS, ParamSpec
+from .scheduling import ClickRequest, Frame, RollingStats, StampedBuffer, WorkQueue
+
+NODE_NAME = "pixel_sail"
+
+
+def stamp_seconds(header: Any) -> float:
+    return header.stamp.sec + header.stamp.nanosec * 1e-9
+
+
+def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    desc = spec.description + (f" One of: {', '.join(spec.choices)}." if spec.choices else "")
+    d = ParameterDescriptor(description=desc, read_only=False)
+    if spec.min_value is not None and isinstance(spec.default, float):
+        d.floating_point_range = [FloatingPointRange(from_value=float(spec.min_value), to_value=float(spec.max_value), step=0.0)]
+    elif spec.min_value is not None and isinstance(spec.default, int) and not isinstance(spec.default, bool):
+        d.integer_range = [IntegerRange(from_value=int(spec.min_value), to_value=int(spec.max_value), step=1)]
+    return d
+
+
+class ThrottledLogger:
+    """At most one log line per key per period, with the count of suppressed repeats (nothing is silent)."""
+
+    def __init__(self, logger: Any, period_s: float = 2.0) -> None:
+        self._logger = logger
+        self._period = period_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def log(self, level: str, key: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -math.inf) < self._period:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            n = self._suppressed.pop(key, 0)
+            self._last[key] = now
+        suffix = f" ({n} more like this suppressed)" if n else ""
+        getattr(self._logger, level)(message + suffix)
+
+
+class PixelSailNode(LifecycleNode):
+    """Lifecycle node `pixel_sail`; topic names are relative so namespaces and remaps move them."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._engine: Any = None
+        self._engine_lock = threading.Lock()
+        self._queue = WorkQueue()
+        self._worker: Optional[threading.Thread] = None
+        self._prompt = ""
+        self._prompt_lock = threading.Lock()
+        self._depth = StampedBuffer[Any](size=15)
+        self._camera_info: Optional[CameraInfo] = None
+        self._throttle = ThrottledLogger(self.get_logger())
+        self._latency = RollingStats()
+        self._engine_time = RollingStats()
+        self.errors = 0
+        self.results = 0
+        self._last_error = ""
+        self._last_rate_time = 0.0
+        self._subs: list[Any] = []
+        self._service = None
+        self._pubs: dict[str, Any] = {}
+        self._timers: list[Any] = []
+        self._device_desc = "not loaded"
+        self._first_frame_warned = False
+        self._cb_inputs = MutuallyExclusiveCallbackGroup()
+        self._cb_service = ReentrantCallbackGroup()
+
+    # ------------------------------------------------------------------ parameters
+    def p(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    def _on_set_parameters(self, params: Sequence[Any]) -> SetParametersResult:
+        from .parameters import BY_NAME
+
+        for prm in params:
+            spec = BY_NAME.get(prm.name)
+            if spec is None:
+                continue
+            if spec.choices and prm.value not in spec.choices:
+                return SetParametersResult(successful=False, reason=f"{prm.name} must be one of {list(spec.choices)}, got {prm.value!r}")
+            if spec.read_only and self._engine is not None and prm.value != self.p(prm.name):
+                return SetParametersResult(successful=False,
+                                           reason=f"{prm.name} takes effect at configure: deactivate and clean up the node first")
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._load_engine()
+        except Exception as exc:  # a bad path, corrupt checkpoint or bad device must not crash the process
+            self.get_logger().error(f"configure failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self._pubs = {
+            "segmentation": self.create_lifecycle_publisher(SegmentationResult, "segmentation", 10),
+            "mask": self.create_lifecycle_publisher(Image, "mask", 10),
+            "description": self.create_lifecycle_publisher(String, "description", 10),
+            "debug_image": self.create_lifecycle_publisher(Image, "debug_image", 2),
+        }
+        if self.p("use_depth"):
+            from sensor_msgs.msg import PointCloud2
+            from visualization_msgs.msg import MarkerArray
+
+            self._pubs["markers"] = self.create_lifecycle_publisher(MarkerArray, "markers", 10)
+            self._pubs["object_cloud"] = self.create_lifecycle_publisher(PointCloud2, "object_cloud", 2)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
+        self._timers.append(self.create_timer(5.0, self._check_input_alive))
+        self.get_logger().info(f"configured: model {self._model_desc} on {self._device_desc}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._engine is None:
+            try:
+                self._load_engine()
+            except Exception as exc:
+                self.get_logger().error(f"activate failed: {exc}")
+                return TransitionCallbackReturn.FAILURE
+        self._create_inputs()
+        self._queue.restart()
+        self._queue.set_prompt_active(bool(self._prompt))
+        self._worker = threading.Thread(target=self._work_loop, name="pixel_sail_worker", daemon=True)
+        self._worker.start()
+        self._activated_at = time.monotonic()
+        self.get_logger().info("active: waiting for frames on '%s'" % self._image_topic())
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._destroy_inputs()
+        self._release_engine()
+        self.get_logger().info("deactivated: model released")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._destroy_inputs()
+        self._release_engine()
+        for pub in self._pubs.values():
+            self.destroy_publisher(pub)
+        self._pubs = {}
+        for t in self._timers:
+            self.destroy_timer(t)
+        self._timers = []
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._release_engine()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _load_engine(self) -> None:
+        from pixel_sail_ros.engine import PixelSailEngine
+
+        path = self.p("model_path") or None
+        device = self.p("device")
+        t0 = time.monotonic()
+        engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"))
+        self._engine = engine
+        self._device_desc = f"{engine.device} ({str(engine.dtype).replace('torch.', '')})"
+        self._model_desc = path or "bundled shapesref_tiny"
+        if device == "auto" and str(engine.device) == "cpu":
+            self.get_logger().warn("device:=auto found no usable CUDA GPU: running on the CPU")
+        self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
+
+    def _release_engine(self) -> None:
+        with self._engine_lock:
+            engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        on_cuda = str(getattr(engine, "device", "cpu")).startswith("cuda")
+        del engine
+        gc.collect()
+        if on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+        self._device_desc = "released"
+
+    # ------------------------------------------------------------------ inputs
+    def _image_topic(self) -> str:
+        return "image/compressed" if self.p("use_compressed") else "image"
+
+    def _image_qos(self) -> QoSProfile:
+        reliable = self.p("image_qos") == "reliable"
+        return QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+            durability=DurabilityPolicy.VOLATILE,
+        )
+
+    def _qos_warning(self, topic: str):
+        def cb(event: Any) -> None:
+            self._throttle.log(
+                "warn", f"qos-{topic}",
+                f"'{topic}': a publisher with incompatible QoS ({event.last_policy_kind}) was found; "
+                f"this node subscribes with image_qos={self.p('image_qos')!r} — set image_qos to match the driver",
+            )
+
+        return SubscriptionEventCallbacks(incompatible_qos=cb)
+
+    def _create_inputs(self) -> None:
+        qos = self._image_qos()
+        grp = self._cb_inputs
+        topic = self._image_topic()
+        msg_type = CompressedImage if self.p("use_compressed") else Image
+        self._subs = [
+            self.create_subscription(msg_type, topic, self._on_image, qos, callback_group=grp,
+                                     event_callbacks=self._qos_warning(topic)),
+            self.create_subscription(String, "prompt", self._on_prompt, 10, callback_group=grp),
+            self.create_subscription(PointStamped, "click", self._on_click, 10, callback_group=grp),
+        ]
+        if self.p("use_depth"):
+            self._subs += [
+                self.create_subscription(Image, "depth", self._on_depth, qos, callback_group=grp,
+                                         event_callbacks=self._qos_warning("depth")),
+                self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=grp),
+            ]
+        self._service = self.create_service(Segment, "segment", self._on_segment, callback_group=self._cb_service)
+
+    def _destroy_inputs(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        if self._service is not None:
+            self.destroy_service(self._service)
+            self._service = None
+
+    def _decode(self, msg: Any) -> np.ndarray:
+        if isinstance(msg, CompressedImage):
+            return image_conversion.compressed_to_rgb8(msg, max_pixels=self.p("max_image_pixels"))
+        return image_conversion.to_rgb8(msg, max_pixels=self.p("max_image_pixels"))
+
+    def _on_image(self, msg: Any) -> None:
+        try:
+            rgb = self._decode(msg)
+        except ValueError as exc:
+            self._count_error("image", f"dropped a frame on '{self._image_topic()}': {exc}")
+            return
+        self._queue.put_frame(Frame(rgb=rgb, header=msg.header))
+
+    def _on_prompt(self, msg: String) -> None:
+        text = msg.data
+        if text.strip():
+            try:
+                text = conversions.validate_prompt(text, self.p("max_prompt_chars"))
+            except ValueError as exc:
+                self._count_error("prompt", f"prompt rejected: {exc}")
+                return
+        else:
+            text = ""
+        with self._prompt_lock:
+            self._prompt = text
+        if text and self._queue.latest_frame() is None:
+            self._throttle.log("warn", "prompt-no-frame",
+                               f"prompt {text!r} stored, but no frame has arrived on '{self._image_topic()}' yet")
+        self.get_logger().info(f"prompt set to {text!r}" if text else "prompt cleared: continuous segmentation stopped")
+        self._queue.set_prompt_active(bool(text))
+
+    def _on_click(self, msg: PointStamped) -> None:
+        frame = self._queue.latest_frame()
+        if frame is None:
+            self._count_error("click", f"click ignored: no frame has arrived on '{self._image_topic()}' yet")
+            return
+        h, w = frame.rgb.shape[:2]
+        try:
+            conversions.validate_points([(msg.point.x, msg.point.y)], w, h)
+        except ValueError as exc:
+            self._count_error("click", f"click rejected: {exc}")
+            return
+        if not self._queue.put_click(ClickRequest(msg.point.x, msg.point.y, frame)):
+            self._count_error("click", f"click rejected: {self._queue.max_clicks} clicks are already waiting")
+
+    def _on_depth(self, msg: Image) -> None:
+        try:
+            depth = image_conversion.depth_to_meters(msg, max_pixels=self.p("max_image_pixels"))
+        except ValueError as exc:
+            self._count_error("depth", f"dropped a depth frame: {exc}")
+            return
+        self._depth.put(stamp_seconds(msg.header), depth)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._camera_info = msg
+
+    def _check_input_alive(self) -> None:
+        if self._queue.frames.received == 0 and self._subs:
+            topic = self.resolve_topic_name(self._image_topic())
+            pubs = self.count_publishers(topic)
+            hint = ("no publisher exists: check the remap" if pubs == 0 else
+                    f"{pubs} publisher(s) exist: check image_qos ({self.p('image_qos')}) and the encoding")
+            self._throttle.log("warn", "no-frames", f"no frame received on '{topic}' yet; {hint}")
+
+    def _count_error(self, key: str, message: str) -> None:
+        self.errors += 1
+        self._last_error = message
+        self._throttle.log("warn", key, message)
+
+    # ------------------------------------------------------------------ work
+    def _stop_worker(self, timeout: float = 30.0) -> None:
+        self._queue.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=timeout)  # a daemon thread: at process exit it dies with it
+            self._worker = None
+
+    def _work_loop(self) -> None:
+        while not self._queue.stopped:
+            job = self._queue.next_job(timeout=0.5)
+            if job is None:
+                continue
+            try:
+                if isinstance(job, ClickRequest):
+                    self._run_click(job)
+                else:
+                    self._run_prompt(job)
+            except Exception as exc:  # the worker must survive anything the engine throws
+                self._engine_failed(exc)
+
+    def _run_prompt(self, frame: Frame) -> None:
+        rate = self.p("max_rate_hz")
+        if rate > 0:
+            wait = self._last_rate_time + 1.0 / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+                newer = self._queue.frames.take()  # the newest frame wins, also after a rate-limit pause
+                if newer is not None:
+                    frame = newer
+        self._last_rate_time = time.monotonic()
+        with self._prompt_lock:
+            prompt = self._prompt
+        if not prompt:
+            return
+        self._answer(frame, text=prompt, points=[], boxes=[], describe=False)
+
+    def _run_click(self, click: ClickRequest) -> None:
+        self._answer(click.frame, text="", points=[(click.x, click.y)], boxes=[], describe=self.p("describe_clicks"))
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self._last_error = f"inference failed: {type(exc).__name__}: {exc}"
+        self._throttle.log("error", "engine", self._last_error)
+        if "out of memory" in str(exc).lower():
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def _infer(self, rgb: np.ndarray, text: str, points: list, boxes: list, describe: bool) -> Any:
+        with self._engine_lock:
+            if self._engine is None:
+                raise RuntimeError("the model is not loaded (node inactive)")
+            return self._engine.segment(
+                rgb, text=text, points=points or None, boxes=boxes or None, describe=describe,
+                mask_threshold=self.p("mask_threshold"), max_new_tokens=self.p("max_new_tokens"),
+            )
+
+    def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:
+        """Run the model on one frame and publish every output; returns the SegmentationResult."""
+        out = self._infer(frame.rgb, text, points, boxes, describe)
+        positions, num_points, clouds = self._lift_3d(frame, out.masks)
+        result = conversions.build_segmentation_result(
+            header=frame.header, prompt=text, points=points, description=out.description,
+            masks=out.masks, scores=out.scores, labels=out.labels, positions=positions,
+            inference_seconds=out.seconds, answer=out.answer, num_points=num_points,
+        )
+        self._publish(frame, result, out, positions, clouds)
+        self.results += 1
+        self._latency.add(time.monotonic() - frame.received)
+        self._engine_time.add(out.seconds)
+        return result
+
+    def _lift_3d(self, frame: Frame, masks: np.ndarray) -> tuple[Optional[list], Optional[list], Optional[np.ndarray]]:
+        """3D centroid and valid-depth count per mask, and the masked points, from the depth paired by stamp."""
+        if not self.p("use_depth") or len(masks) == 0:
+            return None, None, None
+        info = self._camera_info
+        depth = self._depth.closest(stamp_seconds(frame.header), self.p("depth_tolerance_s"))
+        h, w = frame.rgb.shape[:2]
+        if info is None or depth is None:
+            missing = "camera_info" if info is None else f"a depth frame within {self.p('depth_tolerance_s')} s"
+            self._throttle.log("warn", "depth-missing", f"no {missing} for the frame at {stamp_seconds(frame.header):.3f}: 3D skipped")
+            return None, None, None
+        if depth.shape != (h, w):
+            self._count_error("depth-size", f"depth is {depth.shape[1]}x{depth.shape[0]} but the image is {w}x{h}: "
+                                            "use depth registered to the colour camera; 3D skipped")
+            return None, None, None
+        try:
+            K = point_cloud.validate_camera_info(info, w, h)
+        except ValueError as exc:
+            self._count_error("camera-info", f"camera_info rejected: {exc}; 3D skipped")
+            return None, None, None
+        positions = [point_cloud.mask_centroid_3d(depth, K, m, min_points=self.p("min_depth_points")) for m in masks]
+        num_points = [int(point_cloud.valid_depth_mask(depth, m).sum()) for m in masks]
+        cloud = None
+        if self.p("publish_cloud") and self._pubs.get("object_cloud") is not None:
+            union = np.any(masks, axis=0)
+            cloud = point_cloud.deproject(depth, K, union)
+        return positions, num_points, cloud
+
+    def _publish(self, frame: Frame, result: SegmentationResult, out: Any, positions: Optional[list],
+                 cloud: Optional[np.ndarray]) -> None:
+        pubs = self._pubs
+        pubs["segmentation"].publish(result)
+        label = visualization.label_image(out.masks, frame.rgb.shape[:2], scores=out.scores)
+        pubs["mask"].publish(image_conversion.numpy_to_image(label, "mono8", frame.header))
+        if out.description:
+            pubs["description"].publish(String(data=out.description))
+        if pubs["debug_image"].get_subscription_count() > 0:
+            over = visualization.overlay(frame.rgb, out.masks, out.labels, out.scores)
+            pubs["debug_image"].publish(image_conversion.numpy_to_image(over, "rgb8", frame.header))
+        if positions is not None and "markers" in pubs:
+            pubs["markers"].publish(visualization.make_markers(frame.header, positions, out.labels, ns=NODE_NAME))
+        if cloud is not None and "object_cloud" in pubs:
+            pubs["object_cloud"].publish(point_cloud.make_point_cloud2(cloud, frame.header))
+
+    # ------------------------------------------------------------------ service
+    def _on_segment(self, req: Segment.Request, resp: Segment.Response) -> Segment.Response:
+        try:
+            frame = self._service_frame(req)
+            h, w = frame.rgb.shape[:2]
+            text = conversions.validate_prompt(req.text, self.p("max_prompt_chars")) if req.text.strip() else ""
+            points = conversions.validate_points([(p.x, p.y) for p in req.points], w, h)
+            boxes = conversions.validate_boxes(
+                [(b.x_offset, b.y_offset, b.x_offset + b.width, b.y_offset + b.height) for b in req.boxes], w, h)
+            if not text and not points and not boxes:
+                raise ValueError("nothing to segment: give a text, points or boxes")
+        except ValueError as exc:
+            resp.success, resp.message = False, str(exc)
+            self.errors += 1
+            self._last_error = f"segment request rejected: {exc}"
+            self.get_logger().warn(self._last_error)
+            return resp
+        try:
+            resp.result = self._answer(frame, text=text, points=[tuple(p) for p in points],
+                                       boxes=[tuple(b) for b in boxes], describe=req.describe)
+        except Exception as exc:  # engine failures become an answer, never a dead node
+            self._engine_failed(exc)
+            resp.success, resp.message = False, self._last_error
+            return resp
+        resp.success = True
+        resp.message = f"{len(resp.result.objects)} object(s)"
+        return resp
+
+    def _service_frame(self, req: Segment.Request) -> Frame:
+        if req.image.height == 0:
+            frame = self._queue.latest_frame()
+            if frame is None:
+                raise ValueError(f"no image in the request and no frame has arrived on '{self._image_topic()}' yet")
+            return frame
+        rgb = image_conversion.to_rgb8(req.image, max_pixels=self.p("max_image_pixels"))
+        return Frame(rgb=rgb, header=req.image.header)
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self) -> None:
+        st = DiagnosticStatus(name=f"{self.get_name()}: inference", hardware_id=self._device_desc)
+        st.level = DiagnosticStatus.OK
+        st.message = "ok"
+        if self._engine is None:
+            st.level, st.message = DiagnosticStatus.WARN, "model not loaded (inactive)"
+        elif self._last_error:
+            st.level, st.message = DiagnosticStatus.ERROR if self._last_error.startswith("inference failed") else DiagnosticStatus.WARN, self._last_error
+        values = {
+            "device": self._device_desc,
+            "model": getattr(self, "_model_desc", ""),
+            "results": self.results,
+            "errors": self.errors,
+            "frames_received": self._queue.frames.received,
+            "frames_dropped": self._queue.frames.dropped,
+            "clicks_rejected": self._queue.clicks_rejected,
+            "output_rate_hz": round(self._latency.rate_hz(), 3),
+            "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),
+            "latency_ms_p95": round(1000 * self._latency.percentile(95), 2),
+            "engine_ms_p50": round(1000 * self._engine_time.percentile(50), 2),
+            "prompt": self._prompt,
+        }
+        st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        arr = DiagnosticArray(status=[st])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(arr)
+        self._last_error = ""
+
+
+def main(args: Optional[list[str]] = None) -> int:
+    """Entry point of `pixel_sail_node`: configure + activate unless autostart is false, then spin."""
+    rclpy.init(args=args)
+    node = PixelSailNode()
+    executor = MultiThreadedExecutor(num_threads=3)
+    executor.add_node(node)
+    code = 0
+    try:
+        if node.p("autostart"):
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal("could not configure (see the error above); exiting")
+                code = 1
+            elif node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                node.get_logger().fatal("could not activate; exiting")
+                code = 1
+        if code == 0:
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node._stop_worker(timeout=1.0)  # exit within ~2 s even mid-inference
+        node._release_engine()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The node's parameters: one table that the node declares, the YAML/launch tests check and the README lists.
+
+Kept free of rclpy so tests and docs can read it without a ROS context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    choices: Optional[Sequence[str]] = None
+    min_value: Optional[float] = None
+    max_value: Optional[float] = None
+    read_only: bool = False  # needs a reconfigure (deactivate → cleanup → configure) to change
+
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("model_path", "", "Checkpoint directory; empty = the bundled default model (ShapesRef tiny).", read_only=True),
+    ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N. auto = CUDA when available, else CPU (logged).", read_only=True),
+    ParamSpec("dtype", "auto", "auto | float32 | bfloat16 | float16. auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU.",
+              choices=("auto", "float32", "bfloat16", "float16"), read_only=True),
+    ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),
+    ParamSpec("max_rate_hz", 0.0, "Upper bound on continuous-prompt inferences per second; 0 = as fast as the model runs.",
+              min_value=0.0, max_value=1000.0),
+    ParamSpec("max_new_tokens", 32, "Longest generated answer or description, in tokens.", min_value=1, max_value=1024),
+    ParamSpec("max_prompt_chars", 256, "Longer text prompts are rejected with an error.", min_value=1, max_value=100000),
+    ParamSpec("max_image_pixels", 4096 * 4096, "Larger images are rejected with an error.", min_value=1, max_value=1 << 30),
+    ParamSpec("use_compressed", False, "Subscribe to image/compressed (sensor_msgs/CompressedImage) instead of image.", read_only=True),
+    ParamSpec("use_depth", False, "Subscribe to depth + camera_info (aligned to image) and publish 3D outputs.", read_only=True),
+    ParamSpec("depth_tolerance_s", 0.02, "Largest |stamp difference| between a colour frame and its depth frame.",
+              min_value=0.0, max_value=1.0),
+    ParamSpec("min_depth_points", 20, "Fewest valid depth pixels under a mask for a 3D position.", min_value=1, max_value=1 << 20),
+    ParamSpec("image_qos", "sensor_data", "sensor_data (best effort, newest only) | reliable. Must match the camera driver.",
+              choices=("sensor_data", "reliable"), read_only=True),
+    ParamSpec("describe_clicks", True, "Also generate a description for every click."),
+    ParamSpec("publish_cloud", True, "Publish object_cloud (PointCloud2 of the masked depth points) when depth is on."),
+    ParamSpec("diagnostics_period_s", 1.0, "Period of /diagnostics updates.", min_value=0.1, max_value=60.0, read_only=True),
+    ParamSpec("autostart", True, "Configure and activate on start (like a plain node); false = wait for lifecycle commands.",
+              read_only=True),
+)
+
+BY_NAME = {p.name: p for p in PARAMETERS}

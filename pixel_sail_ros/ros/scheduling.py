@@ -1,0 +1,197 @@
+"""Latest-frame buffering and request scheduling for the node, free of rclpy so it is unit-testable.
+
+Why a single slot: a perception node must never build a queue behind a slow model. Camera callbacks only
+replace the newest frame; one worker thread takes whatever is newest when it is free. Every frame that is
+replaced before the worker saw it is counted as dropped, so users can see it in diagnostics.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Generic, Optional, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass
+class Frame:
+    """One camera frame as the worker needs it: pixels plus the header it must be published with."""
+
+    rgb: np.ndarray
+    header: Any
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ClickRequest:
+    """A click to answer on the frame that was newest when the click arrived."""
+
+    x: float
+    y: float
+    frame: Frame
+
+
+class LatestSlot(Generic[T]):
+    """Holds at most one item; put() replaces it. Counts items replaced before anyone took them."""
+
+    def __init__(self) -> None:
+        self._item: Optional[T] = None
+        self._fresh = False
+        self.dropped = 0
+        self.received = 0
+
+    def put(self, item: T, count_drop: bool = True) -> None:
+        if self._fresh and count_drop:
+            self.dropped += 1
+        self._item = item
+        self._fresh = True
+        self.received += 1
+
+    def take(self) -> Optional[T]:
+        """The newest item if it was not taken yet, else None."""
+        if not self._fresh:
+            return None
+        self._fresh = False
+        return self._item
+
+    def peek(self) -> Optional[T]:
+        """The newest item, taken or not (e.g. the frame a click or a service call applies to)."""
+        return self._item
+
+    def has_fresh(self) -> bool:
+        return self._fresh
+
+    def clear(self) -> None:
+        self._item = None
+        self._fresh = False
+
+
+class WorkQueue:
+    """What the single inference worker waits on: the newest frame for the standing prompt, and clicks.
+
+    Clicks are user commands, so they are never replaced silently: they queue up to ``max_clicks`` and an
+    overflow is counted and reported. Frames for the standing prompt only ever keep the newest one.
+    """
+
+    def __init__(self, max_clicks: int = 8) -> None:
+        self._cond = threading.Condition()
+        self.frames: LatestSlot[Frame] = LatestSlot()
+        self.clicks: deque[ClickRequest] = deque()
+        self.max_clicks = max_clicks
+        self.clicks_rejected = 0
+        self._stopped = False
+        self._prompt_active = False
+
+    def set_prompt_active(self, active: bool) -> None:
+        with self._cond:
+            self._prompt_active = active
+            self._cond.notify_all()
+
+    def put_frame(self, frame: Frame) -> None:
+        """Store the newest frame; a replaced unprocessed frame counts as dropped only while a prompt runs."""
+        with self._cond:
+            self.frames.put(frame, count_drop=self._prompt_active)
+            self._cond.notify_all()
+
+    def latest_frame(self) -> Optional[Frame]:
+        with self._cond:
+            return self.frames.peek()
+
+    def put_click(self, click: ClickRequest) -> bool:
+        """Queue a click; False (and counted) when the queue is full."""
+        with self._cond:
+            if len(self.clicks) >= self.max_clicks:
+                self.clicks_rejected += 1
+                return False
+            self.clicks.append(click)
+            self._cond.notify_all()
+            return True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def restart(self) -> None:
+        with self._cond:
+            self._stopped = False
+            self.frames.clear()
+            self.clicks.clear()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def next_job(self, timeout: float | None = None) -> ClickRequest | Frame | None:
+        """Block until there is a click (first) or a fresh frame with an active prompt; None on stop/timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._stopped:
+                if self.clicks:
+                    return self.clicks.popleft()
+                if self._prompt_active and self.frames.has_fresh():
+                    return self.frames.take()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return None
+
+
+class StampedBuffer(Generic[T]):
+    """The last few stamped items (e.g. depth images), to pair with a colour frame by time."""
+
+    def __init__(self, size: int = 10) -> None:
+        self._items: deque[tuple[float, T]] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def put(self, stamp: float, item: T) -> None:
+        with self._lock:
+            self._items.append((stamp, item))
+
+    def closest(self, stamp: float, tolerance: float) -> Optional[T]:
+        """The item whose stamp is nearest to ``stamp`` and within ``tolerance`` seconds, else None."""
+        with self._lock:
+            best: Optional[tuple[float, T]] = None
+            for s, item in self._items:
+                d = abs(s - stamp)
+                if d <= tolerance and (best is None or d < best[0]):
+                    best = (d, item)
+            return None if best is None else best[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class RollingStats:
+    """Rolling window of durations, for diagnostics (rate, p50/p95 latency)."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self._times: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, value: float, now: float | None = None) -> None:
+        with self._lock:
+            self._values.append(value)
+            self._times.append(time.monotonic() if now is None else now)
+
+    def percentile(self, q: float) -> float:
+        with self._lock:
+            return float(np.percentile(np.asarray(self._values), q)) if self._values else float("nan")
+
+    def rate_hz(self) -> float:
+        """Events per second over the window."""
+        with self._lock:
+            if len(self._times) < 2:
+                return 0.0
+            span = self._times[-1] - self._times[0]
+            return (len(self._times) - 1) / span if span > 0 else 0.0
+
+    def __len__(self) -> int:
+        return len(self._values)

@@ -1,0 +1,83 @@
+"""The newest frame wins and nothing a user sent is lost without being counted."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from pixel_sail_ros.ros.scheduling import ClickRequest, Frame, LatestSlot, RollingStats, StampedBuffer, WorkQueue
+
+
+def _frame(i: int) -> Frame:
+    return Frame(rgb=np.full((2, 2, 3), i, np.uint8), header=i)
+
+
+def test_latest_slot_keeps_newest_and_counts_replaced() -> None:
+    slot: LatestSlot[int] = LatestSlot()
+    assert slot.take() is None
+    for i in range(5):
+        slot.put(i)
+    assert slot.take() == 4 and slot.dropped == 4 and slot.received == 5
+    assert slot.take() is None and slot.peek() == 4
+    slot.put(9)
+    assert slot.take() == 9 and slot.dropped == 4
+
+
+def test_frames_without_prompt_are_idle_not_dropped() -> None:
+    q = WorkQueue()
+    for i in range(3):
+        q.put_frame(_frame(i))
+    assert q.frames.dropped == 0 and q.next_job(timeout=0.01) is None
+    q.set_prompt_active(True)
+    job = q.next_job(timeout=0.01)
+    assert isinstance(job, Frame) and job.header == 2
+    q.put_frame(_frame(3))
+    q.put_frame(_frame(4))
+    assert q.frames.dropped == 1 and q.next_job(timeout=0.01).header == 4
+
+
+def test_clicks_go_first_and_overflow_is_counted() -> None:
+    q = WorkQueue(max_clicks=2)
+    q.set_prompt_active(True)
+    q.put_frame(_frame(1))
+    assert q.put_click(ClickRequest(1, 1, _frame(1))) and q.put_click(ClickRequest(2, 2, _frame(1)))
+    assert not q.put_click(ClickRequest(3, 3, _frame(1))) and q.clicks_rejected == 1
+    assert isinstance(q.next_job(0.01), ClickRequest) and q.next_job(0.01).x == 2
+    assert isinstance(q.next_job(0.01), Frame)
+
+
+def test_worker_wakes_on_frame_and_stops() -> None:
+    q = WorkQueue()
+    q.set_prompt_active(True)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(q.next_job()))
+    t.start()
+    time.sleep(0.05)
+    q.put_frame(_frame(7))
+    t.join(2)
+    assert got and got[0].header == 7
+    t = threading.Thread(target=lambda: got.append(q.next_job()))
+    t.start()
+    q.stop()
+    t.join(2)
+    assert not t.is_alive() and got[-1] is None
+
+
+def test_stamped_buffer_pairs_within_tolerance_only() -> None:
+    b: StampedBuffer[str] = StampedBuffer(size=3)
+    for s, v in [(1.00, "a"), (1.05, "b"), (1.10, "c"), (1.15, "d")]:
+        b.put(s, v)
+    assert len(b) == 3
+    assert b.closest(1.06, 0.02) == "b"
+    assert b.closest(1.00, 0.02) is None  # "a" fell out of the window
+    assert b.closest(1.30, 0.1) is None
+
+
+def test_rolling_stats() -> None:
+    r = RollingStats(size=100)
+    assert np.isnan(r.percentile(50)) and r.rate_hz() == 0.0
+    for i in range(11):
+        r.add(float(i), now=i * 0.1)
+    assert r.percentile(50) == 5.0 and abs(r.rate_hz() - 10.0) < 1e-9
