@@ -1,0 +1,332 @@
+"""PixelSailEngine: load a Pixel-SAIL checkpoint once, then answer segment / describe requests.
+
+This is what the ROS node, the eval CLI and the benchmarks call. No ROS here. One request = one image prefix
+computed once (bidirectional, into a KV cache) and one short greedy answer per question, each answer starting
+from a copy of that cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model.modeling_pixel_sail import PixelSailAnswer, PixelSailForConditionalGeneration, PixelSailPrefix
+from .model.processing_pixel_sail import (
+    ImageInputs,
+    PixelSailProcessor,
+    refer_describe_question,
+    refer_seg_question,
+    vp_describe_question,
+    vp_seg_question,
+)
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "shapesref_tiny"
+MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
+MAX_PROMPT_TOKENS = 256
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SegmentationOutput:
+    """One request's result: N masks at the input image's size, in question order."""
+
+    masks: np.ndarray  # (N, H, W) bool
+    scores: np.ndarray  # (N,) float32 in [0, 1]
+    labels: list[str]  # the phrase or prompt each mask answers
+    description: str = ""
+    seconds: float = 0.0
+    answers: list[str] = field(default_factory=list)  # the generated text of every turn, for logs
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" → the first CUDA GPU if there is one, else the CPU; "cuda[:N]" must exist."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" → bfloat16 on a GPU that has it, else float16 on a GPU; float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+class PixelSailEngine:
+    """Segmentation and description with one Pixel-SAIL model; thread-compatible, not thread-safe."""
+
+    def __init__(
+        self,
+        model: PixelSailForConditionalGeneration,
+        processor: PixelSailProcessor,
+        max_new_tokens: int = 32,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.mask_threshold = mask_threshold
+        config = model.config
+        self.stop_token_ids = (config.eos_token_id, config.im_end_token_id)
+        # Per-request work that never changes: question token ids, and the prefix ids/positions/mask per grid.
+        self._question_ids: OrderedDict[str, list[int]] = OrderedDict()
+        self._prefix_statics: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        *,
+        max_new_tokens: int = 32,
+        mask_threshold: float = 0.5,
+    ) -> PixelSailEngine:
+        """Load a checkpoint directory (None = the bundled ShapesRef model) onto a device, in a dtype."""
+        directory = Path(path) if path is not None else BUNDLED_CHECKPOINT
+        if not (directory / "config.json").is_file():
+            if path is None:
+                raise FileNotFoundError(
+                    f"the bundled checkpoint is missing ({directory} has no config.json): train it with "
+                    "`pixel-sail-train` or pass a checkpoint directory"
+                )
+            raise FileNotFoundError(f"{directory} is not a Pixel-SAIL checkpoint directory (no config.json)")
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        model = PixelSailForConditionalGeneration.from_pretrained(
+            str(directory), dtype=torch_dtype, attn_implementation="sdpa", distill_pixel_dim=0, distill_token_dim=0
+        )
+        model.to(torch_device)
+        processor = PixelSailProcessor.from_pretrained(directory)
+        return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def close(self) -> None:
+        """Drop the model and cached tensors and return GPU memory (e.g. when a lifecycle node deactivates)."""
+        on_cuda = self.device.type == "cuda"
+        self._prefix_statics.clear()
+        self.model = None  # type: ignore[assignment]
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    # ---- the request -----------------------------------------------------------------------------------
+
+    def segment(
+        self,
+        rgb: np.ndarray,
+        text: str = "",
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        boxes: Sequence[Sequence[float]] | np.ndarray | None = None,
+        describe: bool = False,
+    ) -> SegmentationOutput:
+        """Segment what ``text`` refers to and/or the objects under ``points`` / ``boxes``; optionally describe.
+
+        Args:
+            rgb: (H, W, 3) uint8 RGB image.
+            text: a referring expression ("red circle"); "" for none.
+            points: (N, 2) click positions (x = column, y = row) in image pixels; each is prompt <Prompt i>.
+            boxes: (M, 4) boxes (x1, y1, x2, y2) in image pixels; prompts <Prompt N..N+M-1>.
+            describe: also describe each prompted object (or, without prompts, the text-referred one).
+
+        Masks come in order: the text's, then one per point, then one per box (an answer of "No target."
+        gives none). A prompted object is labelled with its description when ``describe`` is set.
+        """
+        start = time.perf_counter()
+        image = _check_image(rgb)
+        height, width = image.shape[:2]
+        text = _check_text(text)
+        point_list = _check_points(points, height, width)
+        prompts = point_list + _check_boxes(boxes, height, width)
+        n_points, n_prompts = len(point_list), len(prompts)
+        if n_prompts > self.processor.num_visual_prompts:
+            raise ValueError(f"at most {self.processor.num_visual_prompts} points and boxes together, got {n_prompts}")
+        if not text and not prompts:
+            raise ValueError("nothing to do: give text, points or boxes")
+
+        with torch.inference_mode():
+            prefix = self._prefill(image, prompts)
+            labels: list[str] = []
+            seg_answers: list[PixelSailAnswer] = []
+            answers: list[str] = []
+            if text:
+                answer = self._answer(prefix, refer_seg_question(text))
+                seg_answers.append(answer)
+                labels.append(text)
+                answers.append(self.processor.decode(answer.token_ids))
+            prompt_labels = [f"point {i}" if i < n_points else f"box {i - n_points}" for i in range(n_prompts)]
+            descriptions: list[str] = []
+            if describe:
+                questions = [vp_describe_question(k) for k in range(n_prompts)] or [refer_describe_question(text)]
+                for question in questions:
+                    descriptions.append(self.processor.decode(self._answer(prefix, question).token_ids))
+                if prompts:
+                    prompt_labels = list(descriptions)
+                answers += descriptions
+            for k in range(n_prompts):
+                answer = self._answer(prefix, vp_seg_question(k))
+                seg_answers.append(answer)
+                labels.append(prompt_labels[k])
+                answers.append(self.processor.decode(answer.token_ids))
+            masks, scores, mask_labels = self._masks(seg_answers, labels, (height, width))
+
+        return SegmentationOutput(
+            masks=masks,
+            scores=scores,
+            labels=mask_labels,
+            description="; ".join(d for d in descriptions if d),
+            seconds=time.perf_counter() - start,
+            answers=answers,
+        )
+
+    # ---- steps -----------------------------------------------------------------------------------------
+
+    def _prefill(self, image: np.ndarray, prompts: list[np.ndarray]) -> PixelSailPrefix:
+        inputs = self.processor.preprocess_image(image, device=self.device)
+        statics = _cached(self._prefix_statics, inputs.grid_hw, lambda: self._prefix_static_inputs(inputs), 8)
+        visual_prompt_ids = None
+        if prompts:
+            prompt_map = self.processor.visual_prompt_map(inputs.original_hw, inputs.grid_hw, prompts)
+            visual_prompt_ids = self.processor.prefix_prompt_ids(inputs.grid_hw, prompt_map).view(1, -1).to(self.device)
+        return self.model.prefill(
+            pixel_values=inputs.pixel_values.to(self.dtype).unsqueeze(0), visual_prompt_ids=visual_prompt_ids, **statics
+        )
+
+    def _prefix_static_inputs(self, inputs: ImageInputs) -> dict[str, torch.Tensor]:
+        batch = self.processor.prefix_inputs(inputs, device=self.device)
+        return {k: batch[k] for k in ("input_ids", "image_grid_hw", "position_ids", "attention_mask")}
+
+    def _answer(self, prefix: PixelSailPrefix, question: str) -> PixelSailAnswer:
+        ids = _cached(self._question_ids, question, lambda: self.processor.encode_question(question), 512)
+        return self.model.generate_answer(
+            prefix, ids, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids
+        )
+
+    def _masks(
+        self, answers: list[PixelSailAnswer], labels: list[str], size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Masks at the original size; score = mean foreground probability × the [SEG] token's probability."""
+        logits = [a.mask_logits for a in answers if a.mask_logits.shape[0]]
+        mask_labels = [label for a, label in zip(answers, labels) for _ in range(a.mask_logits.shape[0])]
+        if not logits:
+            return np.zeros((0, *size), dtype=bool), np.zeros(0, dtype=np.float32), []
+        stacked = torch.cat(logits).float()
+        token_probs = torch.cat([a.seg_token_probs for a in answers if a.mask_logits.shape[0]]).float()
+        masks = self.processor.postprocess_masks(stacked, size, self.mask_threshold)
+        probs = stacked.sigmoid()
+        foreground = probs > self.mask_threshold
+        mean_fg = (probs * foreground).sum(dim=(1, 2)) / foreground.sum(dim=(1, 2)).clamp(min=1)
+        scores = (mean_fg * token_probs.to(mean_fg.device)).clamp(0.0, 1.0)
+        return masks.cpu().numpy(), scores.cpu().numpy().astype(np.float32), mask_labels
+
+
+def _cached(cache: OrderedDict, key: Any, make: Any, size: int) -> Any:
+    """A small LRU: the value for ``key``, made with ``make()`` on a miss."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = make()
+    if len(cache) > size:
+        cache.popitem(last=False)
+    return value
+
+
+# ---- input checks (ValueError messages say what is wrong) -------------------------------------------------
+
+
+def _check_image(rgb: Any) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(rgb).__name__}")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 RGB, got dtype {rgb.dtype}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB, got shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"image is empty ({height}×{width})")
+    if max(height, width) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image is {height}×{width}; sides above {MAX_IMAGE_SIDE} px are refused")
+    return rgb
+
+
+def _check_text(text: Any) -> str:
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}")
+    text = text.strip()
+    if len(text.split()) > MAX_PROMPT_TOKENS or len(text) > 8 * MAX_PROMPT_TOKENS:
+        raise ValueError(f"text is too long ({len(text)} characters); keep it under {MAX_PROMPT_TOKENS} words")
+    return text
+
+
+def _as_rows(values: Any, columns: int, name: str) -> np.ndarray:
+    if values is None:
+        return np.zeros((0, columns))
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be numbers shaped (N, {columns})") from error
+    if arr.size == 0:
+        return np.zeros((0, columns))
+    if arr.ndim == 1 and arr.shape[0] == columns:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != columns:
+        raise ValueError(f"{name} must be shaped (N, {columns}), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} hold a NaN or infinite value")
+    return arr
+
+
+def _check_points(points: Any, height: int, width: int) -> list[np.ndarray]:
+    arr = _as_rows(points, 2, "points")
+    for i, (x, y) in enumerate(arr):
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"point {i} ({x:g}, {y:g}) is outside the {width}×{height} image (x < width, y < height)")
+    return list(arr)
+
+
+def _check_boxes(boxes: Any, height: int, width: int) -> list[np.ndarray]:
+    arr = _as_rows(boxes, 4, "boxes")
+    for i, (x1, y1, x2, y2) in enumerate(arr):
+        if not (x1 < x2 and y1 < y2):
+            raise ValueError(f"box {i} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) needs x1 < x2 and y1 < y2")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise ValueError(f"box {i} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is not inside the {width}×{height} image")
+    return list(arr)
+
+
+__all__ = ["BUNDLED_CHECKPOINT", "PixelSailEngine", "SegmentationOutput", "resolve_device", "resolve_dtype"]

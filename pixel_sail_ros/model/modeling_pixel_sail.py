@@ -1,0 +1,511 @@
+"""Pixel-SAIL: one decoder-only transformer over raw image patches and text, plus a light mask decoder.
+
+Layout (brief §1): patch slots embed as E(<vpatch>) + vis_embed(pixels) (+ vp_embed(E(<Prompt k>)) where a
+visual prompt covers the patch); the decoder is transformers' ``Qwen2_5_VLTextModel`` fed those embeddings,
+3-axis (t, h, w) positions and a 4-D boolean "prefix" mask (bidirectional over <vision>…</vision>, causal
+elsewhere). Mask logits = seg_token_projector(h[SEG]) · image_feature_projector(upsample(h[<vpatch>])).
+
+Module names follow the authors' code so that converting their checkpoint is a rename (``convert.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+from transformers.utils import ModelOutput
+
+from .configuration_pixel_sail import PixelSailConfig
+
+_DISTILL_KEYS = tuple(f"distill_{kind}_head.{p}" for kind in ("pixel", "token") for p in ("weight", "bias"))
+
+
+@dataclass
+class PixelSailOutput(ModelOutput):
+    """Output of :meth:`PixelSailForConditionalGeneration.forward`.
+
+    Per-sample lists hold ``None`` for a sample without image tokens in this call (e.g. a decoding step).
+    ``mask_logits[b]`` is (n_seg_b, H_b/s, W_b/s), with the [SEG] tokens in sequence order.
+    """
+
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    mask_logits: list[torch.Tensor | None] | None = None
+    pixel_features: list[torch.Tensor | None] | None = None
+    seg_embeddings: list[torch.Tensor] | None = None
+    distill_pixel: list[torch.Tensor | None] | None = None
+    distill_token: list[torch.Tensor | None] | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class PixelSailPrefix:
+    """An image prefix (<vision>…</vision>) computed once: its KV cache and per-pixel features."""
+
+    past_key_values: DynamicCache
+    pixel_features: torch.Tensor  # (D_seg, H/s, W/s)
+    length: int  # tokens in the cache
+    next_position: int  # first position id after </vision> (all three axes)
+
+
+@dataclass
+class PixelSailAnswer:
+    """One greedy answer after a prefix: its tokens (stop token excluded) and the masks of its [SEG] tokens."""
+
+    token_ids: list[int]
+    seg_embeddings: torch.Tensor  # (n_seg, D_seg)
+    mask_logits: torch.Tensor  # (n_seg, H/s, W/s)
+    seg_token_probs: torch.Tensor  # (n_seg,) softmax probability with which each [SEG] was chosen
+    stopped: bool  # ended on a stop token (False: max_new_tokens reached)
+    step_logits: torch.Tensor | None = None  # (steps, vocab), when asked for
+
+
+class PixelSailChannelNorm(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map (the authors' ``Norm2d``: key ``ln``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PixelSailSeparableConv(nn.Module):
+    """Depthwise 3×3 then pointwise 1×1 convolution (the authors' ``DWconv``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size=3, padding=1, groups=channels)
+        self.pointwise = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def _upsample_block(channels: int) -> nn.Sequential:
+    """×2 upsampling; indices 0/2/3 carry weights, as in the authors' ``upsample_blocks.{k}``."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2),
+        nn.GELU(),
+        PixelSailSeparableConv(channels),
+        PixelSailChannelNorm(channels),
+    )
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear → ReLU → Linear; keys ``{0,2}.{weight,bias}`` like the authors' projectors."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class PixelSailPreTrainedModel(PreTrainedModel):
+    config: PixelSailConfig
+    config_class = PixelSailConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # The prefix mask is a dense 4-D mask: SDPA (bool) or eager (additive) only; flash/flex cannot express it.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+
+
+class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixin):
+    """The Pixel-SAIL single transformer with its LM head and mask decoder.
+
+    Use :class:`~pixel_sail_ros.model.processing_pixel_sail.PixelSailProcessor` to build the inputs; use
+    :meth:`prefill` + :meth:`generate_answer` (not ``generate()``) for inference, since the image prefix needs
+    its own mask and 3-axis positions.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _keys_to_ignore_on_save = list(_DISTILL_KEYS)
+    _keys_to_ignore_on_load_missing = [r"^distill_(pixel|token)_head\."]
+
+    def __init__(self, config: PixelSailConfig) -> None:
+        super().__init__(config)
+        text = config.text_config
+        hidden = text.hidden_size
+        patch_dim = 3 * config.patch_size**2
+        in_dim = config.vision_feature_dim
+
+        self.model = Qwen2_5_VLTextModel(text)
+        self.vis_embed = nn.Linear(patch_dim, hidden, bias=False)
+        self.vp_embed = nn.Linear(hidden, hidden, bias=False)
+        self.lm_head = nn.Linear(hidden, text.vocab_size, bias=False)
+
+        self.image_feature_pre_projector = _mlp(hidden, hidden, in_dim) if hidden > in_dim else None
+        self.upsample_blocks = nn.Sequential(*[_upsample_block(in_dim) for _ in range(config.num_upsample_blocks)])
+        self.image_feature_projector = _mlp(in_dim, in_dim, config.seg_hidden_size)
+        self.seg_token_projector = _mlp(hidden, in_dim, config.seg_hidden_size)
+
+        # Training-only heads onto a teacher's pixel features (upsampled) and token features (patch grid).
+        self.distill_pixel_head = (
+            nn.Linear(config.seg_hidden_size, config.distill_pixel_dim) if config.distill_pixel_dim else None
+        )
+        self.distill_token_head = nn.Linear(hidden, config.distill_token_dim) if config.distill_token_dim else None
+        self.post_init()
+
+    # ---- transformers plumbing -------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> Qwen2_5_VLTextModel:
+        return self.model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' ``from_pretrained``, restricted to safetensors (a pickle is never unpickled)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Pixel-SAIL checkpoints are loaded from safetensors only")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers' ``save_pretrained``; the distillation heads are left out, so the saved config says so."""
+        dims = (self.config.distill_pixel_dim, self.config.distill_token_dim)
+        self.config.distill_pixel_dim = self.config.distill_token_dim = 0
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.distill_pixel_dim, self.config.distill_token_dim = dims
+
+    def generate(self, *args, **kwargs):
+        """Not supported: the image prefix needs its own mask and 3-axis positions; use prefill + generate_answer."""
+        raise NotImplementedError(
+            "PixelSailForConditionalGeneration decodes with prefill() + generate_answer() (or PixelSailEngine)"
+        )
+
+    # ---- inputs ----------------------------------------------------------------------------------------
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        visual_prompt_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings, plus vis_embed(patch) at each <vpatch> and vp_embed(E(<Prompt k>)) where k >= 0.
+
+        The i-th <vpatch> of sample b takes ``pixel_values[b, i]`` (rows past the sample's patch count are
+        padding).
+        """
+        embeds = self.model.embed_tokens(input_ids)
+        is_patch = input_ids == self.config.vision_patch_token_id
+        n_patches = is_patch.sum(dim=1)
+        if bool(n_patches.any()):
+            if pixel_values is None:
+                raise ValueError("input_ids hold <vpatch> tokens but pixel_values is None")
+            if pixel_values.dim() != 3 or pixel_values.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"pixel_values must be (B, N, 3·P·P), got {tuple(pixel_values.shape)}")
+            if pixel_values.shape[-1] != self.vis_embed.in_features:
+                raise ValueError(
+                    f"pixel_values rows have {pixel_values.shape[-1]} values, expected {self.vis_embed.in_features}"
+                )
+            if bool((n_patches > pixel_values.shape[1]).any()):
+                raise ValueError(
+                    f"a sample has {int(n_patches.max())} <vpatch> tokens, pixel_values rows: {pixel_values.shape[1]}"
+                )
+            rows = torch.arange(pixel_values.shape[1], device=input_ids.device)[None, :] < n_patches[:, None]
+            patches = self.vis_embed(pixel_values[rows].to(embeds.dtype))
+            embeds = embeds.index_put(torch.nonzero(is_patch, as_tuple=True), patches, accumulate=True)
+        if visual_prompt_ids is not None:
+            has_prompt = visual_prompt_ids >= 0
+            if bool(has_prompt.any()):
+                k = visual_prompt_ids[has_prompt]
+                if int(k.max()) >= self.config.num_visual_prompts:
+                    raise ValueError(f"visual prompt index {int(k.max())} >= {self.config.num_visual_prompts}")
+                prompt_ids = torch.tensor(
+                    self.config.prompt_token_ids[: self.config.num_visual_prompts], device=input_ids.device
+                )
+                table = self.vp_embed(self.model.embed_tokens(prompt_ids))
+                embeds = embeds.index_put(torch.nonzero(has_prompt, as_tuple=True), table[k], accumulate=True)
+        return embeds
+
+    def _backend_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean 4-D mask in the form the decoder's attention back-end needs."""
+        implementation = self.model.config._attn_implementation
+        if implementation == "sdpa":
+            return attention_mask
+        if implementation == "eager":  # eager adds the mask: a bool one would be silently wrong
+            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            return additive.masked_fill(~attention_mask, torch.finfo(dtype).min)
+        raise ValueError(f"attention implementation {implementation!r} cannot express the prefix mask; use 'sdpa'")
+
+    # ---- mask decoder ----------------------------------------------------------------------------------
+
+    def decode_pixel_features(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """(n, h, w, hidden) last-layer patch states → (n, D_seg, h·P/s, w·P/s) per-pixel features."""
+        x = vision_tokens
+        if self.image_feature_pre_projector is not None:
+            x = self.image_feature_pre_projector(x)
+        x = self.upsample_blocks(x.permute(0, 3, 1, 2))
+        return self.image_feature_projector(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _image_outputs(
+        self, hidden: torch.Tensor, is_patch: torch.Tensor, image_grid_hw: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Per-sample pixel features and (h, w, hidden) vision tokens; images of one grid size run together."""
+        batch = hidden.shape[0]
+        counts = is_patch.sum(dim=1).tolist()
+        pixel: list[torch.Tensor | None] = [None] * batch
+        tokens: list[torch.Tensor | None] = [None] * batch
+        if not any(counts):
+            return pixel, tokens
+        if image_grid_hw is None:
+            raise ValueError("image_grid_hw (B, 2) is needed to reshape the image tokens")
+        grids = [tuple(g) for g in image_grid_hw.tolist()]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for b, (count, (h, w)) in enumerate(zip(counts, grids)):
+            if count == 0:
+                continue
+            if count != h * w:
+                raise ValueError(f"sample {b} has {count} <vpatch> tokens but image_grid_hw says {h}×{w}")
+            groups[(h, w)].append(b)
+        for (h, w), members in groups.items():
+            stacked = torch.stack([hidden[b][is_patch[b]] for b in members]).view(len(members), h, w, -1)
+            features = self.decode_pixel_features(stacked)
+            for i, b in enumerate(members):
+                tokens[b], pixel[b] = stacked[i], features[i]
+        return pixel, tokens
+
+    # ---- forward ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        visual_prompt_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        output_mask_logits: bool = True,
+        logits_to_keep: int = 0,
+    ) -> PixelSailOutput:
+        """One pass of the single transformer (contract: docs/DEVELOPING.md "Model forward").
+
+        Args:
+            input_ids: (B, L) token ids, image slots as <vpatch>.
+            pixel_values: (B, Nmax, 3·P·P) normalised patches, padded per sample.
+            image_grid_hw: (B, 2) patch grid (h, w) of each sample's image.
+            visual_prompt_ids: (B, L) prompt index k at covered patch slots, -1 elsewhere.
+            position_ids: (3, B, L) t/h/w positions. Required whenever the input holds image tokens.
+            attention_mask: (B, 1, L, past + L) bool, True = may attend. Required with image tokens.
+            past_key_values / use_cache: a ``DynamicCache`` to extend.
+            output_mask_logits: also run the mask decoder (pixel features, [SEG] embeddings, mask logits,
+                distillation features).
+            logits_to_keep: compute LM logits for the last n positions only (0 = all).
+        """
+        batch, length = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        is_patch = input_ids == self.config.vision_patch_token_id
+        has_image = bool(is_patch.any())
+        if position_ids is None or attention_mask is None:
+            if has_image:
+                raise ValueError("position_ids and attention_mask are required with image tokens (use the processor)")
+            if position_ids is None:
+                position_ids = _text_positions(batch, length, past, input_ids.device)
+            if attention_mask is None:
+                attention_mask = _causal_mask(batch, length, past, input_ids.device)
+        if position_ids.shape != (3, batch, length):
+            raise ValueError(f"position_ids must be (3, {batch}, {length}), got {tuple(position_ids.shape)}")
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, length, past + length):
+            raise ValueError(
+                f"attention_mask must be bool (B, 1, L, past+L) = ({batch}, 1, {length}, {past + length}), "
+                f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+
+        embeds = self.embed_inputs(input_ids, pixel_values, visual_prompt_ids)
+        decoded = self.model(
+            inputs_embeds=embeds,
+            attention_mask=self._backend_mask(attention_mask, embeds.dtype),
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        hidden = decoded.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        output = PixelSailOutput(
+            logits=logits,
+            last_hidden_state=hidden,
+            past_key_values=decoded.past_key_values if use_cache else None,
+        )
+        if not output_mask_logits:
+            return output
+
+        pixel, tokens = self._image_outputs(hidden, is_patch, image_grid_hw)
+        is_seg = input_ids == self.config.seg_token_id
+        projected = self.seg_token_projector(hidden[is_seg])
+        seg = list(projected.split(is_seg.sum(dim=1).tolist()))
+        output.pixel_features = pixel
+        output.seg_embeddings = seg
+        output.mask_logits = [
+            None if p is None else torch.einsum("qc,chw->qhw", s, p) for s, p in zip(seg, pixel)
+        ]
+        if self.distill_pixel_head is not None:
+            output.distill_pixel = [
+                None if p is None else self.distill_pixel_head(p.permute(1, 2, 0)).permute(2, 0, 1) for p in pixel
+            ]
+        if self.distill_token_head is not None:
+            output.distill_token = [None if t is None else self.distill_token_head(t).permute(2, 0, 1) for t in tokens]
+        return output
+
+    # ---- inference -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        visual_prompt_ids: torch.LongTensor | None = None,
+    ) -> PixelSailPrefix:
+        """Run one image prefix (batch 1, <vision>…</vision>, bidirectional) into a fresh KV cache."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("prefill takes one image (batch size 1)")
+        cache = DynamicCache(config=self.config.text_config)
+        out = self(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_hw=image_grid_hw,
+            visual_prompt_ids=visual_prompt_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if out.pixel_features[0] is None:
+            raise ValueError("the prefix holds no <vpatch> tokens")
+        return PixelSailPrefix(
+            past_key_values=out.past_key_values,
+            pixel_features=out.pixel_features[0],
+            length=input_ids.shape[1],
+            next_position=int(position_ids.max()) + 1,
+        )
+
+    @torch.no_grad()
+    def generate_answer(
+        self,
+        prefix: PixelSailPrefix,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 64,
+        stop_token_ids: Sequence[int] | None = None,
+        answer_prefix_ids: Sequence[int] | None = None,
+        return_logits: bool = False,
+    ) -> PixelSailAnswer:
+        """Greedy-decode one turn after an image prefix; the prefix cache is copied, never modified.
+
+        ``prompt_ids`` is the turn's question (``<|im_start|>user\n…<|im_end|>\n``); ``answer_prefix_ids``
+        optionally forces the start of the answer (e.g. "It is [SEG]" to always get a mask). Positions continue
+        from ``prefix.next_position`` on all three axes; each [SEG] of the answer is embedded from the hidden
+        state of the step that reads it. ``step_logits`` are the logits of each free (not forced) choice.
+        """
+        device = prefix.pixel_features.device
+        if stop_token_ids is None:
+            stop_token_ids = (self.config.eos_token_id, self.config.im_end_token_id)
+        stops = set(stop_token_ids)
+        seg_id = self.config.seg_token_id
+        prompt = torch.as_tensor(prompt_ids).reshape(-1).tolist()
+        if not prompt:
+            raise ValueError("prompt_ids is empty")
+        tokens = [int(t) for t in (answer_prefix_ids if answer_prefix_ids is not None else ())]
+        chunk, answer_start = prompt + tokens, len(prompt)
+        cache = copy.deepcopy(prefix.past_key_values)
+        past, position = prefix.length, prefix.next_position
+        seg_states: list[torch.Tensor] = []
+        seg_probs = [torch.ones((), device=device) for t in tokens if t == seg_id]
+        step_logits: list[torch.Tensor] = []
+        new_tokens, stopped = 0, False
+        while True:
+            q = len(chunk)
+            out = self(
+                input_ids=torch.tensor([chunk], device=device),
+                position_ids=_text_positions(1, q, position, device),
+                attention_mask=_causal_mask(1, q, past, device),
+                past_key_values=cache,
+                use_cache=True,
+                output_mask_logits=False,
+                logits_to_keep=1,
+            )
+            past, position = past + q, position + q
+            seg_states += [out.last_hidden_state[0, i] for i in range(answer_start, q) if chunk[i] == seg_id]
+            if new_tokens >= max_new_tokens:
+                break
+            logits = out.logits[0, -1].float()
+            if return_logits:
+                step_logits.append(logits)
+            next_id = int(logits.argmax())
+            if next_id in stops:
+                stopped = True
+                break
+            if next_id == seg_id:
+                seg_probs.append(logits.softmax(-1)[next_id])
+            tokens.append(next_id)
+            new_tokens += 1
+            # The last token is fed only when its hidden state is needed (a trailing [SEG]).
+            if new_tokens >= max_new_tokens and next_id != seg_id:
+                break
+            chunk, answer_start = [next_id], 0
+
+        features = prefix.pixel_features
+        if seg_states:
+            seg_embeddings = self.seg_token_projector(torch.stack(seg_states))
+            mask_logits = torch.einsum("qc,chw->qhw", seg_embeddings, features)
+        else:
+            seg_embeddings = features.new_zeros(0, features.shape[0])
+            mask_logits = features.new_zeros(0, *features.shape[1:])
+        return PixelSailAnswer(
+            token_ids=tokens,
+            seg_embeddings=seg_embeddings,
+            mask_logits=mask_logits,
+            seg_token_probs=torch.stack(seg_probs).float() if seg_probs else torch.zeros(0, device=device),
+            stopped=stopped,
+            step_logits=torch.stack(step_logits) if step_logits else None,
+        )
+
+
+def _text_positions(batch: int, length: int, start: int, device: torch.device) -> torch.Tensor:
+    """t = h = w positions ``start``, ``start + 1``, … (text after the image, or text-only input)."""
+    return (torch.arange(length, device=device) + start).view(1, 1, length).expand(3, batch, length)
+
+
+def _causal_mask(batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:
+    """New tokens see every cached token and, causally, each other."""
+    mask = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(past)
+    return mask.view(1, 1, length, past + length).expand(batch, 1, length, past + length)
+
+
+AutoModelForImageTextToText.register(PixelSailConfig, PixelSailForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "PixelSailAnswer",
+    "PixelSailForConditionalGeneration",
+    "PixelSailOutput",
+    "PixelSailPreTrainedModel",
+    "PixelSailPrefix",
+]
