@@ -53,7 +53,7 @@ test: setup
 	$(ENV) python -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(ENV) python -m pixel_sail_ros.demo
+	$(ENV) python -m pixel_sail_ros.ros.demo
 
 bench: setup
 	$(ENV) pixel-sail-bench --suite all --json

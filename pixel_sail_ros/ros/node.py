@@ -212,13 +212,9 @@ class PixelSailNode(LifecycleNode):
             engine, self._engine = self._engine, None
         if engine is None:
             return
-        on_cuda = str(getattr(engine, "device", "cpu")).startswith("cuda")
+        engine.close()  # drops the weights and empties the CUDA cache
         del engine
         gc.collect()
-        if on_cuda:
-            import torch
-
-            torch.cuda.empty_cache()
         self._device_desc = "released"
 
     # ------------------------------------------------------------------ inputs
@@ -396,10 +392,10 @@ class PixelSailNode(LifecycleNode):
         with self._engine_lock:
             if self._engine is None:
                 raise RuntimeError("the model is not loaded (node inactive)")
-            return self._engine.segment(
-                rgb, text=text, points=points or None, boxes=boxes or None, describe=describe,
-                mask_threshold=self.p("mask_threshold"), max_new_tokens=self.p("max_new_tokens"),
-            )
+            # Parameters the user may change at run time apply to the next request.
+            self._engine.mask_threshold = self.p("mask_threshold")
+            self._engine.max_new_tokens = self.p("max_new_tokens")
+            return self._engine.segment(rgb, text=text, points=points or None, boxes=boxes or None, describe=describe)
 
     def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:
         """Run the model on one frame and publish every output; returns the SegmentationResult."""
@@ -408,7 +404,7 @@ class PixelSailNode(LifecycleNode):
         result = conversions.build_segmentation_result(
             header=frame.header, prompt=text, points=points, description=out.description,
             masks=out.masks, scores=out.scores, labels=out.labels, positions=positions,
-            inference_seconds=out.seconds, answer=out.answer, num_points=num_points,
+            inference_seconds=out.seconds, answer=" | ".join(out.answers), num_points=num_points,
         )
         self._publish(frame, result, out, positions, clouds)
         self.results += 1

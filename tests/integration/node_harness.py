@@ -1,0 +1,108 @@
+"""Start the real node as a user does (own process, --params-file config/pixel_sail.yaml) and talk to it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "pixel_sail_ros" / "checkpoints" / "shapesref_tiny"
+
+
+class NodeProcess:
+    """The pixel_sail node in its own process; its output is collected for assertions on log lines."""
+
+    def __init__(self, namespace: str, params: dict[str, Any], extra_args: Optional[list[str]] = None) -> None:
+        cmd = [sys.executable, "-m", "pixel_sail_ros.ros.node", "--ros-args", "-r", f"__ns:={namespace}",
+               "--params-file", str(ROOT / "config" / "pixel_sail.yaml")]
+        for k, v in params.items():
+            val = str(v).lower() if isinstance(v, bool) else str(v)
+            cmd += ["-p", f"{k}:={val}"]
+        cmd += extra_args or []
+        self.proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_log(self, needle: str, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(needle in line for line in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        return any(needle in line for line in self.lines)
+
+    def stop(self, sig: int = 2, timeout: float = 10.0) -> float:
+        """Send a signal and wait; returns seconds until the process exited."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=2)
+        return time.monotonic() - t0
+
+
+class Client:
+    """A test-side node in its own rclpy context, spun on demand."""
+
+    def __init__(self, namespace: str, name: str = "test_client") -> None:
+        self.ctx = Context()
+        rclpy.init(context=self.ctx, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = Node(name, namespace=namespace, context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)
+        self.executor.add_node(self.node)
+
+    def spin_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            self.executor.spin_once(timeout_sec=0.02)
+        return predicate()
+
+    def call(self, client: Any, request: Any, timeout: float = 60.0) -> Any:
+        fut = client.call_async(request)
+        assert self.spin_until(fut.done, timeout), f"no response from {client.srv_name} within {timeout} s"
+        return fut.result()
+
+    def close(self) -> None:
+        self.executor.remove_node(self.node)
+        self.node.destroy_node()
+        self.executor.shutdown()
+        rclpy.try_shutdown(context=self.ctx)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def mono8_mask(img: Any) -> np.ndarray:
+    return np.frombuffer(bytes(img.data), np.uint8).reshape(img.height, img.step)[:, : img.width] > 0

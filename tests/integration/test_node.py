@@ -1,0 +1,308 @@
+"""The node end to end, started as a user starts it, with ShapesRef frames and the bundled model.
+
+One node process serves most tests of this module (starting one costs a few seconds); tests that need
+other parameters or kill the node start their own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import Point, PointStamped  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rcl_interfaces.srv import DescribeParameters, ListParameters  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, RegionOfInterest  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
+
+from pixel_sail_ros.msg import SegmentationResult  # noqa: E402
+from pixel_sail_ros.ros.image_conversion import numpy_to_image  # noqa: E402
+from pixel_sail_ros.ros.parameters import BY_NAME  # noqa: E402
+from pixel_sail_ros.ros.point_cloud import mask_centroid_3d, read_points  # noqa: E402
+from pixel_sail_ros.ros.synthetic_camera import render_frame  # noqa: E402
+from pixel_sail_ros.srv import Segment  # noqa: E402
+from pixel_sail_ros.training import shapesref  # noqa: E402
+
+from .node_harness import Client, NodeProcess, iou, mono8_mask  # noqa: E402
+
+SEED = 424242  # ShapesRef scenes no training run used (the bundled model trains on other seeds)
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def ns() -> str:
+    import uuid
+
+    return "/t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def node(ns: str, model_dir: str):
+    proc = NodeProcess(ns, {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_prompt_chars": 64})
+    assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(ns: str, node: NodeProcess):
+    c = Client(ns)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def segment(client: Client):
+    cli = client.node.create_client(Segment, "segment")
+    assert client.spin_until(cli.service_is_ready, 30), "segment service never appeared"
+    return lambda req, timeout=60.0: client.call(cli, req, timeout)
+
+
+def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
+    msg = numpy_to_image(rgb, "rgb8")
+    msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id
+    return msg
+
+
+def present_expressions(frame, k: int, rng: np.random.Generator):
+    exprs = shapesref.expressions(frame.scene, rng)
+    return [e for e in exprs if e.target is not None][:k], [e for e in exprs if e.target is None][:k]
+
+
+def test_service_segments_referring_expressions(segment, quality_model: bool) -> None:
+    ious, absent_ok, absent_n = [], 0, 0
+    for index in range(4):
+        frame = render_frame(SEED, index)
+        present, absent = present_expressions(frame, 2, np.random.default_rng(index))
+        for expr in present + absent:
+            resp = segment(Segment.Request(image=image_msg(frame.rgb, 100 + index), text=expr.text))
+            assert resp.success, resp.message
+            res = resp.result
+            assert (res.header.stamp.sec, res.header.stamp.nanosec, res.header.frame_id) == (100 + index, 5, "camera_optical")
+            assert res.prompt == expr.text and res.inference_seconds > 0
+            for obj in res.objects:
+                assert (obj.mask.height, obj.mask.width) == frame.rgb.shape[:2] and obj.mask.encoding == "mono8"
+                m = mono8_mask(obj.mask)
+                ys, xs = np.nonzero(m)
+                if len(xs):
+                    assert (obj.bbox.x_offset, obj.bbox.y_offset) == (xs.min(), ys.min())
+                    assert (obj.bbox.width, obj.bbox.height) == (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+                assert 0.0 <= obj.score <= 1.0
+            if expr.target is None:
+                absent_n += 1
+                absent_ok += not res.objects
+            else:
+                pred = mono8_mask(res.objects[0].mask) if res.objects else np.zeros(frame.rgb.shape[:2], bool)
+                ious.append(iou(pred, frame.masks[expr.target]))
+    if quality_model:
+        assert np.mean(ious) >= 0.6, f"mean IoU {np.mean(ious):.2f} over {len(ious)} expressions: {ious}"
+        assert absent_ok >= absent_n - 1, f"{absent_ok}/{absent_n} absent targets answered with no mask"
+
+
+def test_service_click_describes_the_object(segment, quality_model: bool) -> None:
+    frame = render_frame(SEED, 7)
+    target = int(np.argmax([m.sum() for m in frame.masks]))
+    x, y = shapesref.click_point(frame.masks[target], np.random.default_rng(0))
+    resp = segment(Segment.Request(image=image_msg(frame.rgb, 7), points=[Point(x=float(x), y=float(y))], describe=True))
+    assert resp.success, resp.message
+    assert [(p.x, p.y) for p in resp.result.points] == [(float(x), float(y))]
+    assert resp.result.description.strip(), "describe=True gave no description"
+    if quality_model:
+        obj = frame.scene.objects[target]
+        words = resp.result.description.split()
+        assert obj.color in words and obj.shape in words, f"{resp.result.description!r} for a {shapesref.describe(obj)}"
+        assert resp.result.objects and iou(mono8_mask(resp.result.objects[0].mask), frame.masks[target]) >= 0.5
+
+
+@pytest.mark.parametrize(
+    "make_request, expected",
+    [
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1)), "nothing to segment"),
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1), text="x" * 65), "long"),
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1), points=[Point(x=1e6, y=3.0)]), "outside"),
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1), points=[Point(x=math.nan, y=3.0)]), "finite"),
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1),
+                                   boxes=[RegionOfInterest(x_offset=10, y_offset=10, width=5000, height=5)]), "outside"),
+        (lambda f: Segment.Request(image=Image(height=4, width=4, encoding="rgb8", step=12, data=bytes(10)), text="red circle"),
+         "data"),
+        (lambda f: Segment.Request(image=Image(height=4, width=4, encoding="weird9", step=12, data=bytes(48)), text="red circle"),
+         "encoding"),
+    ],
+    ids=["nothing", "too-long", "point-outside", "point-nan", "box-outside", "truncated-image", "bad-encoding"],
+)
+def test_service_rejects_bad_requests_and_keeps_running(segment, make_request, expected: str) -> None:
+    frame = render_frame(SEED, 1)
+    resp = segment(make_request(frame))
+    assert not resp.success and expected in resp.message.lower(), resp.message
+    good = segment(Segment.Request(image=image_msg(frame.rgb, 2), text="red circle"))
+    assert good.success, good.message
+
+
+def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Client, node: NodeProcess,
+                                                                      quality_model: bool) -> None:
+    n = client.node
+    frame = render_frame(SEED, 3, 320, 240)
+    present, _ = present_expressions(frame, 1, np.random.default_rng(3))
+    expr = present[0]
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+    pub_prompt = n.create_publisher(String, "prompt", 10)
+    got: dict[str, list] = {k: [] for k in ("seg", "mask", "debug", "markers", "cloud")}
+    n.create_subscription(SegmentationResult, "segmentation", got["seg"].append, 10)
+    n.create_subscription(Image, "mask", got["mask"].append, 10)
+    n.create_subscription(Image, "debug_image", got["debug"].append, 10)
+    n.create_subscription(MarkerArray, "markers", got["markers"].append, 10)
+    n.create_subscription(PointCloud2, "object_cloud", got["cloud"].append, 10)
+    sent: dict[int, int] = {}
+
+    def publish_frame(i: int) -> None:
+        img = image_msg(frame.rgb, 1000 + i)
+        depth = numpy_to_image(frame.depth_m, "32FC1", img.header)
+        info = CameraInfo(width=320, height=240, k=frame.K.reshape(-1).tolist())
+        info.header = img.header
+        pub_info.publish(info)
+        pub_depth.publish(depth)
+        pub_img.publish(img)
+        sent[1000 + i] = i
+
+    i = 0
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not (got["seg"] and got["cloud"] and got["debug"] and got["markers"]):
+        publish_frame(i)
+        if i == 3:
+            pub_prompt.publish(String(data=expr.text))
+        i += 1
+        client.spin_until(lambda: False, 0.1)
+    pub_prompt.publish(String(data=""))
+    assert got["seg"], "no segmentation result under a standing prompt\n" + node.output[-3000:]
+    res = got["seg"][-1]
+    assert res.header.stamp.sec in sent and res.header.stamp.nanosec == 5 and res.header.frame_id == "camera_optical"
+    assert res.prompt == expr.text
+    label = got["mask"][-1]
+    assert label.encoding == "mono8" and (label.height, label.width) == (240, 320)
+    assert label.header.stamp.sec in sent
+    assert got["debug"], "debug_image not published although subscribed"
+    assert (got["debug"][-1].height, got["debug"][-1].width) == (240, 320)
+    if res.objects:
+        obj = res.objects[0]
+        pred = mono8_mask(obj.mask)
+        assert obj.has_position, "depth was published but no 3D position came back"
+        expected = mask_centroid_3d(frame.depth_m, frame.K, pred, min_points=BY_NAME["min_depth_points"].default)
+        assert np.allclose([obj.position.x, obj.position.y, obj.position.z], expected, atol=1e-3)
+        assert got["markers"] and got["markers"][-1].markers[0].action == 3  # DELETEALL first
+        cloud = read_points(got["cloud"][-1])
+        assert len(cloud) > 0 and got["cloud"][-1].header.frame_id == "camera_optical"
+        assert np.all(np.isin(np.round(cloud[:, 2], 3), np.round(np.unique(frame.depth_m), 3)))
+        if quality_model:
+            assert iou(pred, frame.masks[expr.target]) >= 0.5
+            assert obj.position.z == pytest.approx(float(np.median(frame.depth_m[frame.masks[expr.target]])), abs=0.15)
+
+
+def test_click_topic_and_bad_topic_input_are_logged_not_fatal(client: Client, node: NodeProcess, segment) -> None:
+    n = client.node
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_click = n.create_publisher(PointStamped, "click", 10)
+    pub_prompt = n.create_publisher(String, "prompt", 10)
+    results: list[SegmentationResult] = []
+    descriptions: list[String] = []
+    n.create_subscription(SegmentationResult, "segmentation", results.append, 10)
+    n.create_subscription(String, "description", descriptions.append, 10)
+    client.spin_until(lambda: False, 0.5)
+    # garbage on the image topic: wrong encoding, truncated data, empty image
+    bad = [Image(height=8, width=8, encoding="nonsense", step=24, data=bytes(192)),
+           Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(100)),
+           Image(height=0, width=0, encoding="rgb8", step=0)]
+    for b in bad:
+        pub_img.publish(b)
+        client.spin_until(lambda: False, 0.1)
+    pub_prompt.publish(String(data="y" * 200))
+    assert node.wait_for_log("prompt rejected", 10), node.output[-2000:]
+    assert node.wait_for_log("dropped a frame", 10), node.output[-2000:]
+    frame = render_frame(SEED, 5, 320, 240)
+    target = int(np.argmax([m.sum() for m in frame.masks]))
+    for _ in range(3):
+        pub_img.publish(image_msg(frame.rgb, 77))
+        client.spin_until(lambda: False, 0.1)
+    outside = PointStamped()
+    outside.point.x, outside.point.y = 5000.0, 10.0
+    pub_click.publish(outside)
+    assert node.wait_for_log("click rejected", 10), node.output[-2000:]
+    x, y = shapesref.click_point(frame.masks[target], np.random.default_rng(1))
+    click = PointStamped()
+    click.point.x, click.point.y = float(x), float(y)
+    pub_click.publish(click)
+    assert client.spin_until(lambda: any(len(r.points) == 1 for r in results), 60), node.output[-2000:]
+    res = next(r for r in results if len(r.points) == 1)
+    assert res.header.stamp.sec == 77 and res.description
+    assert client.spin_until(lambda: bool(descriptions), 5) and descriptions[-1].data == res.description
+    assert node.proc.poll() is None, "the node died on bad input"
+    assert segment(Segment.Request(image=image_msg(frame.rgb, 3), text="blue star")).success
+
+
+def test_diagnostics_report_counts(client: Client, node: NodeProcess) -> None:
+    msgs: list[DiagnosticArray] = []
+    client.node.create_subscription(DiagnosticArray, "/diagnostics", msgs.append, 10)
+    assert client.spin_until(lambda: any(s.name.endswith("pixel_sail: inference") for m in msgs for s in m.status), 10)
+    st = next(s for m in msgs for s in m.status if s.name.endswith("pixel_sail: inference"))
+    values = {kv.key: kv.value for kv in st.values}
+    for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "latency_ms_p50", "output_rate_hz"):
+        assert key in values, key
+    assert values["device"].startswith("cpu") and int(values["results"]) >= 1 and int(values["errors"]) >= 1
+
+
+def test_every_parameter_is_declared_with_a_description(client: Client, node: NodeProcess) -> None:
+    n = client.node
+    lst = n.create_client(ListParameters, "pixel_sail/list_parameters")
+    desc = n.create_client(DescribeParameters, "pixel_sail/describe_parameters")
+    assert client.spin_until(lambda: lst.service_is_ready() and desc.service_is_ready(), 20)
+    names = set(client.call(lst, ListParameters.Request()).result.names)
+    assert set(BY_NAME) <= names, set(BY_NAME) - names
+    described = client.call(desc, DescribeParameters.Request(names=sorted(BY_NAME))).descriptors
+    assert all(len(d.description) > 15 for d in described)
+
+
+def test_lifecycle_deactivate_frees_model_and_activate_restores(ns: str, model_dir: str) -> None:
+    proc = NodeProcess(ns + "_lc", {"model_path": model_dir, "device": "cpu"})
+    c = Client(ns + "_lc", "lc_client")
+    try:
+        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+        change = c.node.create_client(ChangeState, "pixel_sail/change_state")
+        get = c.node.create_client(GetState, "pixel_sail/get_state")
+        assert c.spin_until(lambda: change.service_is_ready() and get.service_is_ready(), 20)
+        assert c.call(get, GetState.Request()).current_state.label == "active"
+        req = ChangeState.Request()
+        req.transition.id = 4  # deactivate
+        assert c.call(change, req).success
+        assert proc.wait_for_log("model released", 10)
+        assert c.call(get, GetState.Request()).current_state.label == "inactive"
+        req.transition.id = 3  # activate
+        assert c.call(change, req).success
+        seg = c.node.create_client(Segment, "segment")
+        assert c.spin_until(seg.service_is_ready, 20)
+        frame = render_frame(SEED, 2, 160, 120)
+        assert c.call(seg, Segment.Request(image=image_msg(frame.rgb, 1), text="red square")).success
+    finally:
+        c.close()
+        took = proc.stop(sig=15)
+    assert took < 2.0, f"SIGTERM took {took:.1f} s"
+    assert proc.proc.returncode == 0, proc.output[-2000:]
+
+
+def test_bad_model_path_fails_configure_clearly(ns: str, tmp_path) -> None:
+    proc = NodeProcess(ns + "_bad", {"model_path": str(tmp_path / "nope"), "device": "cpu"})
+    try:
+        proc.proc.wait(timeout=60)
+    finally:
+        proc.stop()
+    assert proc.proc.returncode != 0
+    assert "configure failed" in proc.output and "nope" in proc.output, proc.output[-2000:]
