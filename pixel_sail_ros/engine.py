@@ -120,6 +120,9 @@ class PixelSailEngine:
             raise FileNotFoundError(f"{directory} is not a Pixel-SAIL checkpoint directory (no config.json)")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a node's log is no place for a per-load progress bar
         model = PixelSailForConditionalGeneration.from_pretrained(
             str(directory), dtype=torch_dtype, attn_implementation="sdpa", distill_pixel_dim=0, distill_token_dim=0
         )

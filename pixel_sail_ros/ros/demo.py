@@ -113,6 +113,11 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
     answered = 0
     asked = 0
     try:
+        ready = wait_for(ex, lambda: driver.pub_prompt.get_subscription_count() > 0
+                         and driver.pub_click.get_subscription_count() > 0, 120.0)
+        if not ready:
+            print("the node did not come up within 120 s", flush=True)
+            return 1
         for k in range(scenes):
             frame = render_frame(seed, k, 640, 480)
             driver.frame = frame
@@ -159,7 +164,7 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
             if ok:
                 answered += 1
                 res = next(r for r in driver.results if len(r.points) == 1)
-                print(f"  click ({x}, {y}) on the {shapesref.describe(frame.scene.objects[target])}: "
+                print(f"  click ({x}, {y}) on {shapesref.describe(frame.scene.objects[target])}: "
                       f"description {res.description!r}; {describe_result(res, frame, target)}", flush=True)
             else:
                 print(f"  click ({x}, {y}): no answer within {timeout:.0f} s", flush=True)

@@ -56,6 +56,11 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return d
 
 
+def log_warning(logger: Any, message: str) -> None:
+    """`warning` where the distro has it (Jazzy+ deprecate `warn`), `warn` on Humble."""
+    (getattr(logger, "warning", None) or logger.warn)(message)
+
+
 class ThrottledLogger:
     """At most one log line per key per period, with the count of suppressed repeats (nothing is silent)."""
 
@@ -75,7 +80,10 @@ class ThrottledLogger:
             n = self._suppressed.pop(key, 0)
             self._last[key] = now
         suffix = f" ({n} more like this suppressed)" if n else ""
-        getattr(self._logger, level)(message + suffix)
+        if level == "warn":
+            log_warning(self._logger, message + suffix)
+        else:
+            getattr(self._logger, level)(message + suffix)
 
 
 class PixelSailNode(LifecycleNode):
@@ -204,7 +212,7 @@ class PixelSailNode(LifecycleNode):
         self._device_desc = f"{engine.device} ({str(engine.dtype).replace('torch.', '')})"
         self._model_desc = path or "bundled shapesref_tiny"
         if device == "auto" and str(engine.device) == "cpu":
-            self.get_logger().warn("device:=auto found no usable CUDA GPU: running on the CPU")
+            log_warning(self.get_logger(), "device:=auto found no usable CUDA GPU: running on the CPU")
         self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
 
     def _release_engine(self) -> None:
@@ -471,7 +479,7 @@ class PixelSailNode(LifecycleNode):
             resp.success, resp.message = False, str(exc)
             self.errors += 1
             self._last_error = f"segment request rejected: {exc}"
-            self.get_logger().warn(self._last_error)
+            log_warning(self.get_logger(), self._last_error)
             return resp
         try:
             resp.result = self._answer(frame, text=text, points=[tuple(p) for p in points],
