@@ -1,0 +1,268 @@
+"""Pixel-SAIL training losses (brief §1.6–1.7), computed from the model output, the labels and GT masks.
+
+- text: shifted cross-entropy over answer tokens (labels ``-100`` elsewhere); weight 1.0, ×0.1 when the
+  batch also has a mask loss (the paper down-weights text so the masks dominate segmentation batches);
+- mask: sigmoid BCE (weight 2.0) + naive Dice (eps 1, weight 0.5) on points sampled Mask2Former-style
+  (uncertain points of the prediction plus random ones), summed over masks and divided by the number of
+  masks; with ``num_points <= 0`` they are computed densely on the prediction's grid instead (cheaper for
+  tiny maps, and what the tiny default uses);
+- distillation: per-image MSE between the student's projected features and a frozen teacher's features
+  bilinearly resized to the student grid, averaged over images, weight 0.5 per teacher;
+- auxiliary (ours, optional, training-only): per-patch / per-pixel attribute classification (e.g. the
+  colour, shape and size of the object under each pixel, background = class 0) from a linear probe on the
+  last-layer vision tokens and the per-pixel features. They give a dense signal at every pixel, which
+  teaches a tiny model from scratch which visual features the words refer to much faster than the single
+  [SEG] mask per turn; the probe weights are not part of the saved model.
+
+Point sampling is done with ``torch.nn.functional.grid_sample`` so predictions and GT masks can have
+different resolutions (GT is typically at the image size, predictions at a stride).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LossWeights:
+    """Loss weights and point-sampling settings; defaults are the paper's."""
+
+    text: float = 1.0
+    text_with_mask: float = 0.1  # multiplier on the text weight when the batch has mask loss
+    bce: float = 2.0
+    dice: float = 0.5
+    distill: float = 0.5
+    aux: float = 1.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    dice_eps: float = 1.0
+
+
+@dataclass
+class LossOutput:
+    """Total loss (for backward) and detached components (for logging)."""
+
+    loss: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def text_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean shifted CE over labelled positions: logits at t predict the label at t+1.
+
+    Returns a zero (with graph) when nothing is labelled, so backward works on any batch.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    if not bool((shift_labels != -100).any()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+    )
+
+
+# --------------------------------------------------------------------------------------- point sample
+
+
+def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
+    """Values of ``maps`` (N, C, H, W) at normalised coords (N, P, 2) in [0,1]² (x, y) → (N, C, P).
+
+    Bilinear, ``align_corners=False`` (pixel centres at (i+0.5)/W), as in Mask2Former/detectron2, but with
+    border padding: their zero padding makes an object touching the image edge look half background in
+    the outer half pixel, for prediction and GT alike.
+    """
+    grid = coords.unsqueeze(2) * 2.0 - 1.0  # (N, P, 1, 2) in [-1, 1]
+    out = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.squeeze(3)
+
+
+@torch.no_grad()
+def uncertain_point_coords(
+    logits: Tensor,
+    num_points: int,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Mask2Former point selection for logits (N, 1, H, W) → coords (N, num_points, 2) in [0,1]².
+
+    Draw ``oversample_ratio × num_points`` random points, keep the ``importance_sample_ratio`` share whose
+    logits are closest to 0 (most uncertain), fill the rest with fresh uniform points.
+    """
+    n = logits.shape[0]
+    dev = logits.device
+    num_sampled = max(int(num_points * oversample_ratio), num_points)
+    cand = torch.rand(n, num_sampled, 2, device=dev, generator=generator)
+    uncertainty = -point_sample(logits.float(), cand).abs().squeeze(1)  # (N, S): higher = more uncertain
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    parts = []
+    if num_uncertain > 0:
+        idx = uncertainty.topk(num_uncertain, dim=1).indices
+        parts.append(torch.gather(cand, 1, idx.unsqueeze(-1).expand(-1, -1, 2)))
+    if num_random > 0:
+        parts.append(torch.rand(n, num_random, 2, device=dev, generator=generator))
+    return torch.cat(parts, dim=1)
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def _dice(prob: Tensor, target: Tensor, eps: float) -> Tensor:
+    """Naive Dice per row: 1 − (2·Σpg + eps)/(Σp + Σg + eps), rows = masks."""
+    inter = (prob * target).sum(-1)
+    return 1.0 - (2.0 * inter + eps) / (prob.sum(-1) + target.sum(-1) + eps)
+
+
+def mask_losses(
+    pred: Sequence[Tensor],
+    gt: Sequence[Tensor],
+    w: LossWeights,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """(sum-of-BCE, sum-of-Dice, number of masks) over a batch; divide by the count outside.
+
+    ``pred[b]`` (n_pred, h, w) logits, ``gt[b]`` (n_gt, H, W) {0,1}. A sample whose counts differ is
+    truncated to the common count and weighted 0 (paper behaviour: it still runs, so DDP sees the graph).
+    """
+    preds, gts, weights = [], [], []
+    for p, g in zip(pred, gt):
+        if p is None or g is None:
+            continue
+        k = min(p.shape[0], g.shape[0])
+        if k == 0:
+            continue
+        preds.append(p[:k].float())
+        gts.append(g[:k].to(p.device, torch.float32))
+        weights.append(torch.full((k,), 1.0 if p.shape[0] == g.shape[0] else 0.0, device=p.device))
+    if not preds:
+        zero = sum((p.sum() * 0.0 for p in pred if p is not None), torch.zeros(()))
+        return zero, zero, 0
+    bce_terms, dice_terms = [], []
+    for p, g in zip(preds, gts):
+        p4, g4 = p.unsqueeze(1), g.unsqueeze(1)  # (k,1,h,w), (k,1,H,W)
+        if w.num_points > 0:
+            coords = uncertain_point_coords(
+                p4.detach(), w.num_points, w.oversample_ratio, w.importance_sample_ratio, generator
+            )
+            pl = point_sample(p4, coords).squeeze(1)  # (k, P)
+            gl = point_sample(g4, coords).squeeze(1)
+        else:
+            if g4.shape[-2:] != p4.shape[-2:]:  # soft GT: the fraction of each logit cell the object covers
+                down = g4.shape[-2] >= p4.shape[-2] and g4.shape[-1] >= p4.shape[-1]
+                g4 = F.interpolate(g4, size=p4.shape[-2:], mode="area") if down else F.interpolate(
+                    g4, size=p4.shape[-2:], mode="bilinear", align_corners=False
+                )
+            pl, gl = p4.flatten(1), g4.flatten(1)
+        bce_terms.append(F.binary_cross_entropy_with_logits(pl, gl, reduction="none").mean(-1))
+        dice_terms.append(_dice(pl.sigmoid(), gl, w.dice_eps))
+    wt = torch.cat(weights)
+    n = int(wt.numel())
+    return (torch.cat(bce_terms) * wt).sum(), (torch.cat(dice_terms) * wt).sum(), n
+
+
+# -------------------------------------------------------------------------------------- distillation
+
+
+def distill_loss(student: Sequence[Tensor] | Tensor | None, teacher: Sequence[Tensor] | Tensor | None) -> Tensor | None:
+    """Per-image MSE of student (C, h, w) vs teacher (C, H', W') resized to (h, w), mean over images."""
+    if student is None or teacher is None:
+        return None
+    terms = []
+    for s, t in zip(student, teacher):
+        if s is None or t is None:
+            continue
+        t = t.to(s.device, torch.float32)
+        if t.dim() == 2:  # (C, N) flattened or (N, C) tokens are not accepted: ask for a grid
+            raise ValueError("teacher features must be (C, H, W) grids")
+        if t.shape[-2:] != s.shape[-2:]:
+            t = F.interpolate(t.unsqueeze(0), size=s.shape[-2:], mode="bilinear", align_corners=False)[0]
+        if t.shape[0] != s.shape[0]:
+            raise ValueError(f"teacher has {t.shape[0]} channels, the student's distillation head {s.shape[0]}")
+        terms.append(F.mse_loss(s.float(), t))
+    if not terms:
+        return None
+    return torch.stack(terms).mean()
+
+
+# ----------------------------------------------------------------------------------------- auxiliary
+
+
+class AttributeProbe(nn.Module):
+    """Linear per-location classifiers (one per attribute) used only for the auxiliary loss."""
+
+    def __init__(self, in_dim: int, num_classes: Sequence[int]):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Conv2d(in_dim, c, 1) for c in num_classes)
+
+    def forward(self, feats: Tensor) -> list[Tensor]:  # (B, C, h, w) → [(B, c_i, h, w)]
+        return [h(feats) for h in self.heads]
+
+
+def aux_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor], targets: Sequence[Tensor | None]) -> Tensor | None:
+    """Mean CE of ``probe`` on each image's features (C, h, w) vs class maps (A, H, W) (nearest-resized).
+
+    ``targets[b][a]`` holds attribute a's class id per pixel (0 = background; any integer dtype, -100 =
+    ignore where the dtype is signed).
+    """
+    terms = []
+    for f, t in zip(feats, targets):
+        if f is None or t is None:
+            continue
+        t = t.to(f.device)
+        if t.shape[-2:] != f.shape[-2:]:
+            t = F.interpolate(t[None].float(), size=f.shape[-2:], mode="nearest")[0].long()
+        for logits, tgt in zip(probe(f[None].float()), t):
+            terms.append(F.cross_entropy(logits, tgt[None].long(), ignore_index=-100))
+    if not terms:
+        return None
+    return torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------------ combined
+
+
+def compute_losses(
+    output,
+    labels: Tensor,
+    gt_masks: Sequence[Tensor] | None,
+    weights: LossWeights | None = None,
+    teacher_pixel: Sequence[Tensor] | None = None,
+    teacher_token: Sequence[Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Total Pixel-SAIL loss from a ``PixelSailOutput`` (see docs/DEVELOPING.md) and the batch's targets."""
+    w = weights or LossWeights()
+    ce = text_loss(output.logits, labels)
+    total = ce * 0.0
+    parts: dict[str, float] = {"loss_text": float(ce.detach())}
+    has_mask = False
+    if gt_masks is not None and getattr(output, "mask_logits", None) is not None:
+        bce, dice, n = mask_losses(output.mask_logits, gt_masks, w, generator)
+        if n > 0:
+            has_mask = True
+            total = total + w.bce * bce / n + w.dice * dice / n
+            parts["loss_mask"] = float(bce.detach()) / n
+            parts["loss_dice"] = float(dice.detach()) / n
+        else:
+            total = total + bce  # zero with graph
+        parts["num_masks"] = float(n)
+    total = total + ce * (w.text * (w.text_with_mask if has_mask else 1.0))
+    for name, student, teacher in (
+        ("distill_pixel", getattr(output, "distill_pixel", None), teacher_pixel),
+        ("distill_token", getattr(output, "distill_token", None), teacher_token),
+    ):
+        d = distill_loss(student, teacher)
+        if d is not None:
+            total = total + w.distill * d
+            parts[f"loss_{name}"] = float(d.detach())
+    parts["loss"] = float(total.detach())
+    return LossOutput(total, parts)

@@ -1,0 +1,103 @@
+"""pixel-sail-eval: the JSON it prints, the held-out set it builds, and metric plumbing with an oracle engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixel_sail_ros.engine import SegmentationOutput
+from pixel_sail_ros.training import evaluate
+from pixel_sail_ros.training import shapesref as sr
+
+from .test_train import make_tiny_checkpoint, write_shapes_manifest
+
+KEYS = ("ciou", "giou", "no_target_accuracy", "description_accuracy", "num_samples")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _in_unit_range(result: dict) -> None:
+    for k in ("ciou", "giou", "no_target_accuracy", "description_accuracy", "click_ciou", "target_found_accuracy"):
+        v = result.get(k)
+        assert v is None or 0.0 <= v <= 1.0, (k, v)
+
+
+def test_eval_cli_prints_json_in_range(tmp_path: Path, capsys):
+    model = make_tiny_checkpoint(tmp_path / "m")
+    code = evaluate.main(["--model", str(model), "--num-samples", "8", "--seed", "5", "--threads", "1",
+                          "--examples", str(tmp_path / "ex.png"), "--output", str(tmp_path / "r.json")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(k in result for k in KEYS)
+    assert result["num_samples"] == 8 and result["n_description"] == 2 and result["n_segmentation"] == 6
+    assert result["seed"] == 5 and result["data"] == "shapesref"
+    _in_unit_range(result)
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert (tmp_path / "ex.png").stat().st_size > 0
+
+
+def test_eval_cli_on_a_manifest(tmp_path: Path, capsys):
+    model = make_tiny_checkpoint(tmp_path / "m")
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = write_shapes_manifest(data, n=2)
+    assert evaluate.main(["--model", str(model), "--manifest", str(manifest), "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 10 and result["n_segmentation"] == 8 and result["n_no_target"] == 2
+    assert 0.0 <= result["answer_accuracy"] <= 1.0
+    _in_unit_range(result)
+
+
+def test_held_out_items_are_deterministic_and_mixed():
+    a, b = sr.ShapesRefGenerator(seed=11), sr.ShapesRefGenerator(seed=11)
+    items = [evaluate.shapesref_eval_item(a, i) for i in range(8)]
+    again = [evaluate.shapesref_eval_item(b, i) for i in range(8)]
+    assert [s.question for _, s in items] == [s.question for _, s in again]
+    assert [s.task for _, s in items] == ["referring"] * 3 + ["vp_describe"] + ["referring"] * 3 + ["vp_describe"]
+    assert all(s.prompt.kind == "point" for _, s in items if s.task == "vp_describe")
+    other = [evaluate.shapesref_eval_item(sr.ShapesRefGenerator(seed=12), i)[0].image.shape for i in range(8)]
+    assert other != [scene.image.shape for scene, _ in items]
+
+
+class OracleEngine:
+    """Answers every held-out request perfectly (it looks the scene up by its pixels)."""
+
+    def __init__(self, seed: int, n: int) -> None:
+        gen = sr.ShapesRefGenerator(seed=seed)
+        self.truth = {}
+        for i in range(n):
+            scene, s = evaluate.shapesref_eval_item(gen, i)
+            self.truth[hashlib.sha1(scene.image.tobytes()).hexdigest()] = (scene, s)
+
+    def segment(self, rgb, text="", points=None, boxes=None, describe=False) -> SegmentationOutput:
+        scene, s = self.truth[hashlib.sha1(rgb.tobytes()).hexdigest()]
+        if text:
+            assert text == s.expression.text
+            masks = s.target[None] if s.target is not None else np.zeros((0, *rgb.shape[:2]), bool)
+            return SegmentationOutput(masks, np.ones(len(masks), np.float32), [text] * len(masks))
+        obj = scene.objects[s.object_index]
+        assert tuple(points[0]) == s.prompt.point and obj.mask[s.prompt.point[1], s.prompt.point[0]]
+        return SegmentationOutput(obj.mask[None], np.ones(1, np.float32), ["x"], description=sr.describe(obj))
+
+
+def test_metrics_are_perfect_for_an_oracle_and_shard_cleanly():
+    oracle = OracleEngine(seed=3, n=16)
+    totals, _ = evaluate.evaluate_shapesref(oracle, seed=3, num_samples=16)
+    r = totals.compute()
+    assert r["ciou"] == 1.0 and r["giou"] == 1.0 and r["description_accuracy"] == 1.0 and r["click_ciou"] == 1.0
+    assert r["num_samples"] == 16 and r["n_description"] == 4
+    # two "ranks" summed give the same counters as one pass (what all_reduce does under DDP)
+    parts = [evaluate.evaluate_shapesref(oracle, seed=3, num_samples=16, rank=k, world_size=2)[0] for k in (0, 1)]
+    merged = evaluate.EvalTotals()
+    merged.set_vector([x + y for x, y in zip(parts[0].vector(), parts[1].vector())])
+    assert merged.compute() == r

@@ -1,0 +1,150 @@
+"""Losses on hand-checkable cases: perfect predictions cost ~0, wrong ones a lot, gradients reach the inputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import math
+
+import pytest
+import torch
+
+from pixel_sail_ros.training.losses import (
+    AttributeProbe,
+    LossWeights,
+    aux_attribute_loss,
+    compute_losses,
+    distill_loss,
+    mask_losses,
+    point_sample,
+    text_loss,
+    uncertain_point_coords,
+)
+
+
+def _square(h: int = 32, w: int = 32) -> torch.Tensor:
+    m = torch.zeros(1, h, w)
+    m[0, h // 4 : h // 2, w // 4 : 3 * w // 4] = 1.0
+    return m
+
+
+def test_text_loss_is_shifted_and_ignores_unlabelled():
+    vocab, labels = 7, torch.tensor([[-100, -100, 3, 5, -100]])
+    logits = torch.full((1, 5, vocab), -20.0)
+    logits[0, 1, 3] = 20.0  # position 1 predicts the label at 2
+    logits[0, 2, 5] = 20.0
+    assert text_loss(logits, labels).item() < 1e-6
+    wrong = torch.full((1, 5, vocab), -20.0)
+    wrong[0, 2, 3] = 20.0  # unshifted guess: heavily penalised
+    wrong[0, 3, 5] = 20.0
+    assert text_loss(wrong, labels).item() > 10
+    uniform = torch.zeros(1, 5, vocab, requires_grad=True)
+    assert text_loss(uniform, labels).item() == pytest.approx(math.log(vocab), rel=1e-5)
+    none = text_loss(uniform, torch.full((1, 5), -100))
+    none.backward()  # no labelled token: zero loss that still backpropagates
+    assert none.item() == 0.0 and uniform.grad is not None
+
+
+def test_point_sample_reads_pixel_centres():
+    maps = torch.arange(12.0).view(1, 1, 3, 4)
+    coords = torch.tensor([[[(1 + 0.5) / 4, (2 + 0.5) / 3], [0.5 / 4, 0.5 / 3]]])
+    assert point_sample(maps, coords)[0, 0].tolist() == pytest.approx([9.0, 0.0], abs=1e-5)
+
+
+def test_uncertainty_sampling_prefers_the_boundary():
+    logits = (_square(64, 64) * 2 - 1) * 10  # |logit| = 10 everywhere except a blur-free edge
+    torch.manual_seed(0)
+    coords = uncertain_point_coords(logits[None], 400, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    assert coords.shape == (1, 400, 2) and coords.min() >= 0 and coords.max() <= 1
+    picked = point_sample(logits[None], coords[:, :300]).abs().mean()
+    random = point_sample(logits[None], torch.rand(1, 300, 2)).abs().mean()
+    assert picked < random  # the uncertain share sits where logits are near 0
+
+
+def test_mask_losses_perfect_vs_wrong_dense():
+    gt = _square()
+    perfect = ((gt * 2 - 1) * 30).requires_grad_()
+    bce, dice, n = mask_losses([perfect], [gt], LossWeights(num_points=0))
+    assert n == 1 and bce.item() < 1e-6 and dice.item() < 1e-3
+    bce_w, dice_w, _ = mask_losses([-perfect.detach()], [gt], LossWeights(num_points=0))
+    assert bce_w.item() > 5 and dice_w.item() > 0.9
+    pred = torch.zeros(1, 32, 32, requires_grad=True)
+    b, d, _ = mask_losses([pred], [gt], LossWeights(num_points=0))
+    (b + d).backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_mask_losses_point_sampled():
+    w = LossWeights(num_points=1024)
+    full, empty = torch.ones(1, 16, 16), torch.zeros(1, 16, 16)
+    torch.manual_seed(0)
+    bce, dice, n = mask_losses([torch.full((2, 16, 16), 30.0) * torch.cat([full, empty] ) * 2 - 30.0], [torch.cat([full, empty])], w)
+    assert n == 2 and bce.item() < 1e-6 and dice.item() < 1e-6  # away from edges, hard logits are exact
+    gt = _square(128, 128)  # an edge: bilinear samples there are soft, hence a small positive loss
+    bce, dice, _ = mask_losses([(gt * 2 - 1) * 30], [gt], LossWeights(num_points=4096, importance_sample_ratio=0.0))
+    assert bce.item() < 0.1 and dice.item() < 0.02
+    pred = torch.zeros(1, 128, 128, requires_grad=True)
+    b, d, _ = mask_losses([pred], [gt], w)
+    assert b.item() == pytest.approx(math.log(2), rel=1e-4)
+    (b + d).backward()
+    assert pred.grad.abs().sum() > 0
+
+
+def test_mask_losses_resolution_mismatch_and_count_mismatch():
+    gt = _square(64, 64)
+    low = ((torch.nn.functional.interpolate(gt[None], size=(16, 16), mode="area")[0] > 0.5).float() * 2 - 1) * 30
+    bce, dice, n = mask_losses([low], [gt], LossWeights(num_points=0))
+    assert n == 1 and dice.item() < 0.05  # GT area-resized to the logit grid
+    two_pred = torch.randn(2, 16, 16, requires_grad=True)
+    bce, dice, n = mask_losses([two_pred], [gt], LossWeights(num_points=0))
+    assert n == 1 and bce.item() == 0.0 and dice.item() == 0.0  # mismatch: truncated, weighted 0
+    (bce + dice).backward()
+    assert two_pred.grad is not None
+
+
+def test_distill_loss_resizes_teacher_and_checks_channels():
+    s = torch.randn(4, 8, 8, requires_grad=True)
+    assert distill_loss([s], [s.detach()]).item() == pytest.approx(0.0)
+    t = torch.ones(4, 16, 16)
+    d = distill_loss([s], [t])
+    assert d.item() == pytest.approx(((s.detach() - 1) ** 2).mean().item(), rel=1e-5)
+    d.backward()
+    assert s.grad is not None
+    assert distill_loss(None, [t]) is None
+    with pytest.raises(ValueError, match="channels"):
+        distill_loss([s], [torch.ones(3, 8, 8)])
+
+
+def test_compute_losses_weights_text_down_when_masks_present():
+    labels = torch.tensor([[-100, 2, 3]])
+    logits = torch.zeros(1, 3, 5, requires_grad=True)
+    gt = _square(8, 8)
+    out = SimpleNamespace(logits=logits, mask_logits=[((gt * 2 - 1) * 30)], distill_pixel=None, distill_token=None)
+    with_mask = compute_losses(out, labels, [gt], LossWeights(num_points=0))
+    assert with_mask.loss.item() == pytest.approx(0.1 * math.log(5), abs=0.02)
+    no_mask = compute_losses(SimpleNamespace(logits=logits, mask_logits=[torch.zeros(0, 2, 2)]), labels, [gt[:0]])
+    assert no_mask.loss.item() == pytest.approx(math.log(5), rel=1e-5)
+    assert no_mask.parts["num_masks"] == 0
+    student = torch.zeros(2, 4, 4, requires_grad=True)
+    out.distill_pixel = [student]
+    d = compute_losses(out, labels, [gt], LossWeights(num_points=0), teacher_pixel=[torch.ones(2, 4, 4)])
+    assert d.parts["loss_distill_pixel"] == pytest.approx(1.0)
+    assert d.loss.item() == pytest.approx(with_mask.loss.item() + 0.5, abs=1e-4)
+    d.loss.backward()
+    assert student.grad is not None and logits.grad is not None
+
+
+def test_aux_attribute_loss_learns_a_trivial_map():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 6, 8, 8)
+    target = (feats[0, :1] > 0).long().repeat(2, 1, 1)  # two attributes, class = sign of channel 0
+    probe = AttributeProbe(6, (2, 2))
+    opt = torch.optim.SGD(probe.parameters(), lr=1.0)
+    first = None
+    for _ in range(30):
+        loss = aux_attribute_loss(probe, [feats[0]], [target])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first

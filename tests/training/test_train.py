@@ -1,0 +1,306 @@
+"""pixel-sail-train: overfitting a fixed batch, exact resume, outputs, manifest fine-tuning, LoRA, --init-llm.
+
+Everything is tiny (2 layers, 64-px images) and runs a handful of steps on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pixel_sail_ros.model.configuration_pixel_sail import PixelSailConfig
+from pixel_sail_ros.model.modeling_pixel_sail import PixelSailForConditionalGeneration
+from pixel_sail_ros.model.processing_pixel_sail import PixelSailProcessor
+from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
+from pixel_sail_ros.training import train
+from pixel_sail_ros.training.manifest import encode_rle, write_manifest
+
+TINY_OVERRIDES = {"num_hidden_layers": 2}
+TINY = [
+    "--preset", "tiny", "--model-overrides", json.dumps(TINY_OVERRIDES), "--image-size", "64", "--threads", "1",
+    "--no-progress", "--num-points", "256", "--turns-per-image", "4", "--batch-size", "2", "--lr", "1e-3",
+    "--log-every", "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_parts(seed: int = 0) -> tuple[PixelSailForConditionalGeneration, PixelSailProcessor]:
+    torch.manual_seed(seed)
+    config = PixelSailConfig.from_preset("tiny", max_image_size=64, **TINY_OVERRIDES)
+    return PixelSailForConditionalGeneration(config), PixelSailProcessor.from_config(config, build_tiny_tokenizer())
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny checkpoint directory (what --init and the engine load)."""
+    model, processor = tiny_parts(seed)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(path)
+    return path
+
+
+def write_shapes_manifest(root: Path, n: int = 3) -> Path:
+    """A few 48×64 images with one red and one blue rectangle; masks as RLE, polygon and PNG."""
+    lines = []
+    for i in range(n):
+        img = np.full((48, 64, 3), 128, np.uint8)
+        red = np.zeros((48, 64), bool)
+        red[6 + i : 20 + i, 4:24] = True
+        blue = np.zeros((48, 64), bool)
+        blue[26:42, 36 - i : 58 - i] = True
+        img[red] = (220, 40, 40)
+        img[blue] = (40, 80, 220)
+        Image.fromarray(img).save(root / f"img{i}.png")
+        Image.fromarray(blue.astype(np.uint8) * 255).save(root / f"blue{i}.png")
+        x0, x1 = 36 - i, 58 - i
+        lines.append({
+            "image": f"img{i}.png",
+            "turns": [
+                {"expression": "the red square", "masks": [encode_rle(red)]},
+                {"expression": "the blue square on the right", "masks": [f"blue{i}.png"]},
+                {"expression": "the green circle", "masks": []},
+                {"prompt": {"points": [[12, 12 + i]]}, "answer": "a small red square"},
+                {"prompt": {"boxes": [[x0, 26, x1, 42]]}, "masks": [[[x0, 26, x1, 26, x1, 42, x0, 42]]]},
+            ],
+        })
+    return write_manifest(lines, root / "train.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert train.lr_lambda(0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert train.lr_lambda(9, 10, 100, 0.0) == pytest.approx(1.0)
+    assert train.lr_lambda(55, 10, 100, 0.0) == pytest.approx(0.5)
+    assert train.lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(train.param_groups(m, 0.05), lr=1e-2)
+    m(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
+    tensors, meta = train.optimizer_to_files(osd)
+    save_file(tensors, str(tmp_path / "o.safetensors"))
+    meta = json.loads(json.dumps(meta))
+    m.zero_grad(set_to_none=True)  # as at resume time: a fresh optimizer, no gradients yet
+    opt2 = torch.optim.AdamW(train.param_groups(m, 0.05), lr=1e-2)
+    train.load_optimizer_state(m, opt2, train.optimizer_from_files(load_file(str(tmp_path / "o.safetensors")), meta))
+    for p in m.parameters():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], opt2.state[p][k])
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_overfits_a_fixed_batch():
+    from pixel_sail_ros.training.data import ItemCollator, ShapesRefDataset
+    from pixel_sail_ros.training.losses import LossWeights
+
+    torch.set_num_threads(1)
+    model, processor = tiny_parts()
+    module = train.TrainModule(model, LossWeights(num_points=0), aux=False)
+    data = ShapesRefDataset(processor, seed=3, turns_per_image=4, flip_prob=0.0)
+    batch = ItemCollator(processor)([data[i] for i in range(2)])
+    opt = torch.optim.AdamW(train.param_groups(module, 0.0), lr=2e-3)
+    history = []
+    for _ in range(20):
+        loss, parts = module(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(parts)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["loss_text"] < 0.7 * history[0]["loss_text"]
+    assert history[-1]["loss_mask"] < 0.5 * history[0]["loss_mask"]
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def _files(d: Path) -> set[str]:
+    return {p.name for p in d.iterdir()}
+
+
+def test_exact_resume(tmp_path: Path):
+    common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
+                     "--aux-weight", "1"]
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert train.main(common + ["--output-dir", str(a)]) == 0
+    ckpt = a / "checkpoint-2"
+    # no pickle anywhere: safetensors, JSON and tokenizer files only
+    assert all(p.suffix in (".json", ".safetensors") for p in ckpt.iterdir()), _files(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["micro_step"] == 2
+    assert train.latest_checkpoint(a) == a / "checkpoint-4"
+    assert train.main(common + ["--output-dir", str(c), "--resume", str(ckpt)]) == 0
+    wa, wc = load_file(str(a / "model.safetensors")), load_file(str(c / "model.safetensors"))
+    assert wa.keys() == wc.keys()
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)  # 4 steps == 2 steps + save + resume + 2 steps
+    oa = load_file(str(a / "checkpoint-4" / "optimizer.safetensors"))
+    oc = load_file(str(c / "checkpoint-4" / "optimizer.safetensors"))
+    assert all(torch.equal(oa[k], oc[k]) for k in oa)
+    ea = load_file(str(a / "checkpoint-4" / "trainable.safetensors"))
+    assert any(k.startswith("aux_") for k in ea)  # the auxiliary probes are resumed too
+    # and it really trained: weights moved away from step 2
+    w2 = load_file(str(ckpt / "model.safetensors"))
+    assert any(not torch.equal(w2[k], wa[k]) for k in wa)
+
+
+def test_outputs_eval_plots_time_budget_and_engine_load(tmp_path: Path):
+    out = tmp_path / "run"
+    args = TINY + ["--max-steps", "50", "--eval-every", "1", "--eval-samples", "4", "--save-every", "0",
+                   "--time-budget-minutes", "0.000001", "--output-dir", str(out)]
+    assert train.main(args) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in recs} == {"train", "eval"}
+    assert max(r["step"] for r in recs) == 1  # the budget stopped it after one step, cleanly
+    ev = [r for r in recs if r["type"] == "eval"][-1]
+    assert ev["num_samples"] == 4 and 0.0 <= ev["ciou"] <= 1.0
+    assert {"curves.png", "examples.png", "config.json", "model.safetensors", "processor_config.json",
+            "checkpoint-1", "training_args.json"} <= _files(out)
+    from pixel_sail_ros.engine import PixelSailEngine
+
+    engine = PixelSailEngine.from_pretrained(out, device="cpu")
+    res = engine.segment(np.zeros((40, 50, 3), np.uint8), text="red circle")
+    assert res.masks.shape[1:] == (40, 50)
+
+
+def test_manifest_finetune_end_to_end(tmp_path: Path):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = write_shapes_manifest(data)
+    out = tmp_path / "ft"
+    args = ["--init", str(base), "--manifest", str(manifest), "--eval-manifest", str(manifest), "--epochs", "4",
+            "--batch-size", "2", "--threads", "1", "--no-progress", "--num-points", "256", "--lr", "2e-3",
+            "--flip-prob", "0.5", "--eval-every", "3", "--log-every", "1", "--warmup-ratio", "0",
+            "--output-dir", str(out)]
+    assert train.main(args) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["type"] == "train"]
+    assert len(losses) == 6  # ceil(3 images × 4 epochs / 2 per step)
+    assert losses[-1] < losses[0]
+    ev = [r for r in recs if r["type"] == "eval"][-1]  # the final eval on the manifest
+    assert ev["num_samples"] == 15 and ev["n_segmentation"] == 12 and ev["n_no_target"] == 3
+    from pixel_sail_ros.engine import PixelSailEngine
+
+    engine = PixelSailEngine.from_pretrained(out, device="cpu")
+    img = np.array(Image.open(data / "img0.png"))
+    assert engine.segment(img, points=[[12, 12]], describe=True).masks.shape[1:] == (48, 64)
+
+
+def test_lora_finetune_merges_and_keeps_the_base_frozen(tmp_path: Path):
+    base = make_tiny_checkpoint(tmp_path / "base")
+    out = tmp_path / "lora"
+    args = TINY[4:] + ["--init", str(base), "--lora-r", "2", "--max-steps", "2", "--eval-every", "0",
+                       "--save-every", "1", "--output-dir", str(out)]
+    assert train.main(args) == 0
+    ckpt = load_file(str(out / "checkpoint-1" / "trainable.safetensors"))
+    assert any("lora_A" in k for k in ckpt) and any("seg_token_projector" in k for k in ckpt)
+    assert not any("layers.0.mlp.up_proj.base_layer" in k for k in ckpt)  # frozen base not duplicated
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert after.keys() == before.keys()  # merged: a plain checkpoint, no adapter keys
+    assert not torch.equal(before["seg_token_projector.0.weight"], after["seg_token_projector.0.weight"])
+    assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # not a LoRA target, frozen
+
+
+def test_init_from_a_plain_qwen2_llm(tmp_path: Path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tiny_tokenizer()
+    llm_cfg = Qwen2Config(vocab_size=len(tok) - 4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(llm_cfg)
+    llm.save_pretrained(str(tmp_path / "llm"))
+    tok.save_pretrained(str(tmp_path / "llm"))
+    overrides = {"seg_hidden_size": 32, "mask_output_stride": 4, "max_image_size": 64}
+    model, processor = train.init_from_llm(tmp_path / "llm", "0.5b", dict(overrides))
+    sd = llm.state_dict()
+    own = model.state_dict()
+    assert torch.equal(own["model.layers.1.self_attn.q_proj.weight"], sd["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(own["model.layers.0.self_attn.k_proj.bias"], sd["model.layers.0.self_attn.k_proj.bias"])
+    old = llm_cfg.vocab_size
+    assert torch.equal(own["model.embed_tokens.weight"][:old], sd["model.embed_tokens.weight"])
+    assert torch.allclose(own["model.embed_tokens.weight"][old:], sd["model.embed_tokens.weight"].mean(0).expand(len(tok) - old, -1))
+    assert model.config.text_config.hidden_size == 64 and processor.max_image_size == 64
+    out = tmp_path / "run"
+    args = ["--init-llm", str(tmp_path / "llm"), "--model-overrides", json.dumps(overrides), "--max-steps", "1",
+            "--eval-every", "0", "--threads", "1", "--no-progress", "--batch-size", "1", "--turns-per-image", "3",
+            "--num-points", "64", "--output-dir", str(out)]
+    assert train.main(args) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_distillation_from_feature_files_and_from_a_teacher_model(tmp_path: Path):
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    base = make_tiny_checkpoint(tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = write_shapes_manifest(data)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for i in range(3):  # one file per manifest line: 8-channel teacher "pixel" features on any grid
+        save_file({"pixel": torch.randn(8, 6, 8)}, str(feats / f"{i}.safetensors"))
+    common = ["--init", str(base), "--manifest", str(manifest), "--max-steps", "2", "--eval-every", "0",
+              "--threads", "1", "--no-progress", "--batch-size", "2", "--num-points", "64", "--log-every", "1"]
+    out = tmp_path / "files"
+    assert train.main(common + ["--teacher-features", str(feats), "--output-dir", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_distill_pixel"] > 0 for r in recs)
+    assert not any(k.startswith("distill_") for k in load_file(str(out / "model.safetensors")))
+    assert json.loads((out / "config.json").read_text())["distill_pixel_dim"] == 0  # heads are training-only
+
+    vit = tmp_path / "vit"
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32), add_pooling_layer=False).save_pretrained(str(vit))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(vit))
+    out = tmp_path / "model"
+    assert train.main(common + ["--teacher-model", str(vit), "--teacher-target", "token", "--output-dir", str(out)]) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_distill_token"] > 0 for r in recs)
+
+
+def test_shapesref_items_are_keyed_packed_and_flipped():
+    import re
+
+    from pixel_sail_ros.training.data import ShapesRefDataset
+
+    _, processor = tiny_parts()
+    data = ShapesRefDataset(processor, seed=2, turns_per_image=16, flip_prob=0.5, aux_targets=True)
+    a, b, c = data[(5, 0, 0)], data[(5, 0, 0)], data[(5, 1, 0)]
+    questions = lambda item: [t.question for s in item.sequences for t in s.turns]  # noqa: E731
+    assert questions(a) == questions(b) and (a.image == b.image).all()  # a key is a pure function
+    assert questions(a) != questions(c)  # another epoch: other turns on the same scene
+    for item in (data[(i, 0, 0)] for i in range(6)):
+        assert sum(len(s.turns) for s in item.sequences) == 16
+        assert sum(1 for s in item.sequences if not s.prompts) <= 1  # all plain turns share one prefix
+        for s in item.sequences:
+            used = {int(k) for t in s.turns for k in re.findall(r"<Prompt(\d+)>", t.question)}
+            assert used == set(range(len(s.prompts)))  # every prompt asked about, numbered from 0
+            assert s.aux_targets.shape == (3, *item.image.shape[:2])
+    flipped = [i for i in range(40) if data.is_flipped((i, 0, 0))]
+    assert 5 < len(flipped) < 35
+    i = flipped[0]
+    scene, _ = data.scene_and_samples((i, 0, 0))
+    assert (scene.image == data.generator.scene(i).image[:, ::-1]).all()
