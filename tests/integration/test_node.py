@@ -306,3 +306,43 @@ def test_bad_model_path_fails_configure_clearly(ns: str, tmp_path) -> None:
         proc.stop()
     assert proc.proc.returncode != 0
     assert "configure failed" in proc.output and "nope" in proc.output, proc.output[-2000:]
+
+
+def test_grasp_client_example_turns_a_spoken_line_into_a_target(client: Client, node: NodeProcess, ns: str,
+                                                                 quality_model: bool) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    frame = render_frame(SEED, 11, 320, 240)
+    present, _ = present_expressions(frame, 1, np.random.default_rng(11))
+    n = client.node
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+    script = Path(__file__).resolve().parents[2] / "examples" / "grasp_client.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--namespace", ns], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        proc.stdin.write(f"pick up {present[0].text}\nfind the x\n")
+        proc.stdin.close()
+        end = time.monotonic() + 90
+        i = 0
+        while proc.poll() is None and time.monotonic() < end:
+            img = image_msg(frame.rgb, 5000 + i)
+            info = CameraInfo(width=320, height=240, k=frame.K.reshape(-1).tolist())
+            info.header = img.header
+            pub_info.publish(info)
+            pub_depth.publish(numpy_to_image(frame.depth_m, "32FC1", img.header))
+            pub_img.publish(img)
+            i += 1
+            client.spin_until(lambda: False, 0.1)
+        out = proc.communicate(timeout=10)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    phrase = present[0].text
+    assert f"target {phrase!r}" in out or f"{phrase!r}: not in view" in out, out
+    if quality_model:
+        assert "position (camera optical frame)" in out and "cloud" in out, out
