@@ -22,4 +22,6 @@ case ":${LD_LIBRARY_PATH:-}:" in *":$PIXEL_SAIL_ROOT/install/lib:"*) ;; *) LD_LI
 export LD_LIBRARY_PATH
 case ":${AMENT_PREFIX_PATH:-}:" in *":$PIXEL_SAIL_ROOT/install:"*) ;; *) AMENT_PREFIX_PATH="$PIXEL_SAIL_ROOT/install:$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}" ;; esac
 export AMENT_PREFIX_PATH
+# Camera-sized messages need a bigger Fast DDS shared-memory segment (see config/fastdds_large_frames.xml).
+if [ -z "${FASTDDS_DEFAULT_PROFILES_FILE:-}" ]; then export FASTDDS_DEFAULT_PROFILES_FILE="$PIXEL_SAIL_ROOT/config/fastdds_large_frames.xml"; fi
 unset _psr_pyver _psr_site

@@ -8,16 +8,20 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
 
 def generate_launch_description() -> LaunchDescription:
     share = get_package_share_directory("pixel_sail_ros")
     arg = LaunchConfiguration
+    profile = os.path.join(share, "config", "fastdds_large_frames.xml")
     args = [
+        DeclareLaunchArgument("fastdds_profile",
+                              default_value=EnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", default_value=profile),
+                              description="Fast DDS profile; the default gives camera-sized messages shared memory"),
         DeclareLaunchArgument("namespace", default_value="pixel_sail", description="Namespace of both nodes"),
         DeclareLaunchArgument("rate_hz", default_value="5.0", description="Synthetic camera frame rate"),
         DeclareLaunchArgument("rviz", default_value="true", choices=["true", "false"], description="Also start RViz"),
@@ -43,4 +47,5 @@ def generate_launch_description() -> LaunchDescription:
         arguments=["-d", os.path.join(share, "config", "pixel_sail.rviz")],
         condition=IfCondition(arg("rviz")),
     )
-    return LaunchDescription(args + [camera, node, rviz])
+    fastdds = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", arg("fastdds_profile"))
+    return LaunchDescription(args + [fastdds, camera, node, rviz])

@@ -8,9 +8,9 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
@@ -18,7 +18,11 @@ from launch_ros.parameter_descriptions import ParameterValue
 def generate_launch_description() -> LaunchDescription:
     share = get_package_share_directory("pixel_sail_ros")
     arg = LaunchConfiguration
+    profile = os.path.join(share, "config", "fastdds_large_frames.xml")
     args = [
+        DeclareLaunchArgument("fastdds_profile",
+                              default_value=EnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", default_value=profile),
+                              description="Fast DDS profile; the default gives camera-sized messages shared memory"),
         DeclareLaunchArgument("namespace", default_value="pixel_sail", description="Namespace of the node and its topics"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "pixel_sail.yaml"),
                               description="Parameter YAML; the arguments below override it"),
@@ -67,4 +71,5 @@ def generate_launch_description() -> LaunchDescription:
         arguments=["-d", os.path.join(share, "config", "pixel_sail.rviz")],
         condition=IfCondition(arg("rviz")),
     )
-    return LaunchDescription(args + [node, rviz])
+    fastdds = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", arg("fastdds_profile"))
+    return LaunchDescription(args + [fastdds, node, rviz])

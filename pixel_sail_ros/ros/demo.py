@@ -28,7 +28,7 @@ from pixel_sail_ros.msg import SegmentationResult
 from pixel_sail_ros.training import shapesref
 
 from .image_conversion import image_to_numpy, numpy_to_image
-from .synthetic_camera import SyntheticFrame, render_frame
+from pixel_sail_ros.training.camera_frames import SyntheticFrame, render_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 

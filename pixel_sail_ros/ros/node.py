@@ -207,6 +207,10 @@ class PixelSailNode(LifecycleNode):
 
         path = self.p("model_path") or None
         device = self.p("device")
+        if self.p("num_threads") > 0:
+            import torch
+
+            torch.set_num_threads(self.p("num_threads"))
         t0 = time.monotonic()
         engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"))
         self._engine = engine
@@ -232,9 +236,11 @@ class PixelSailNode(LifecycleNode):
 
     def _image_qos(self) -> QoSProfile:
         reliable = self.p("image_qos") == "reliable"
+        # Depth 5, not 1: the callback only moves the newest frame into the single slot, so nothing queues in
+        # the node, but a lagging executor must not lose frames inside rmw before they are counted.
         return QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
-            depth=1,
+            depth=5,
             reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
             durability=DurabilityPolicy.VOLATILE,
         )
@@ -371,13 +377,12 @@ class PixelSailNode(LifecycleNode):
             wait = self._last_rate_time + 1.0 / rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-                newer = self._queue.frames.take()  # the newest frame wins, also after a rate-limit pause
-                if newer is not None:
-                    frame = newer
+                frame = self._queue.swap_for_newer(frame)  # the newest frame wins, also after a pause
         self._last_rate_time = time.monotonic()
         with self._prompt_lock:
             prompt = self._prompt
         if not prompt:
+            self._queue.count_skipped()
             return
         self._answer(frame, text=prompt, points=[], boxes=[], describe=False)
 

@@ -98,6 +98,20 @@ class WorkQueue:
             self.frames.put(frame, count_drop=self._prompt_active)
             self._cond.notify_all()
 
+    def swap_for_newer(self, frame: Frame) -> Frame:
+        """After a pause (rate limit): the newest fresh frame if one came, counting ``frame`` as dropped."""
+        with self._cond:
+            newer = self.frames.take()
+            if newer is None:
+                return frame
+            self.frames.dropped += 1
+            return newer
+
+    def count_skipped(self) -> None:
+        """A frame taken for the prompt that was then not run (the prompt was cleared meanwhile)."""
+        with self._cond:
+            self.frames.dropped += 1
+
     def latest_frame(self) -> Optional[Frame]:
         with self._cond:
             return self.frames.peek()

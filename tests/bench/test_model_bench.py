@@ -1,0 +1,111 @@
+"""The model suite: its JSON shape and sane values, the scripted decoding it relies on, the random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pixel_sail_ros.bench import flops
+from pixel_sail_ros.bench.model_bench import Case, plan_cases
+from pixel_sail_ros.bench.scripted import ScriptedAnswers, fixed_answer
+from pixel_sail_ros.model.configuration_pixel_sail import PixelSailConfig
+
+from .conftest import run_bench
+
+REQUIRED = ("preset", "resolution", "device", "dtype", "prefix_ms_p50", "prefix_ms_p95", "segment_ms_p50",
+            "describe_tokens_per_s", "prefix_gflop", "achieved_gflops", "matmul_gflops", "efficiency",
+            "peak_memory_mb")
+POSITIVE = ("prefix_ms_p50", "prefix_ms_p95", "segment_ms_p50", "describe_tokens_per_s", "prefix_gflop",
+            "achieved_gflops", "matmul_gflops", "efficiency", "peak_memory_mb", "decoder_ms_p50")
+
+
+@pytest.mark.slow
+def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
+    code, doc, err = run_bench("--suite", "model", "--json", "--quick", "--presets", "tiny",
+                               "--device", "cpu", "--model-path", bench_model_dir, timeout=300)
+    assert code == 0, err[-3000:]
+    assert doc["suite"] == "model" and doc["machine"]["cpu_count"] >= 1
+    entries = doc["model"]
+    assert [e["resolution"] for e in entries] == [[320, 240], [640, 480]]
+    cfg = PixelSailConfig.from_preset("tiny")
+    for e in entries:
+        missing = [k for k in REQUIRED if k not in e]
+        assert not missing, missing
+        assert e["preset"] == "tiny" and e["device"] == "cpu" and e["dtype"] == "float32"
+        assert e["weights"] in ("path", "bundled")
+        for key in POSITIVE:
+            assert e[key] is not None and e[key] > 0, (key, e[key])
+        assert 0 < e["efficiency"] <= 1.5, e
+        assert e["efficiency"] == pytest.approx(e["achieved_gflops"] / e["matmul_gflops"], rel=0.02)
+        assert e["prefix_ms_p50"] <= e["prefix_ms_p95"]
+        # a segmentation request contains its prefix; the decoder is part of the prefix
+        assert e["decoder_ms_p50"] <= e["prefix_ms_p50"] < e["segment_ms_p50"]
+        tokens = e["grid"][0] * e["grid"][1] + 2
+        assert e["prefix_tokens"] == tokens
+        assert e["prefix_gflop"] == pytest.approx(flops.prefix_flops(cfg, tokens) / 1e9, abs=1e-4)
+        assert e["matmul_shape"] == [tokens, 256, 768]
+        # achieved FLOP/s is the counted prefill work over the measured prefill time
+        assert e["achieved_gflops"] == pytest.approx(e["prefill_gflop"] / (e["prefix_ms_p50"] / 1000), rel=0.02)
+        assert e["peak_memory_kind"] == "process_rss" and 50 < e["peak_memory_mb"] < 16000
+
+
+def test_cli_rejects_bad_arguments_with_a_json_error() -> None:
+    code, doc, err = run_bench("--suite", "model", "--presets", "tiny,7b", timeout=60)
+    assert code == 2 and "7b" in doc["error"] and "7b" in err
+    code, doc, _ = run_bench("--suite", "soak", "--seconds", "0", timeout=60)
+    assert code == 2 and "--seconds" in doc["error"]
+
+
+def test_plan_cases_cpu_and_cuda() -> None:
+    cpu = plan_cases(["tiny", "0.5b"], "auto", has_cuda=False)
+    assert cpu == [Case("tiny", (320, 240), "cpu"), Case("tiny", (640, 480), "cpu"), Case("0.5b", (320, 240), "cpu")]
+    gpu = plan_cases(["tiny", "0.5b"], "auto", has_cuda=True)
+    assert Case("0.5b", (320, 240), "cpu") in gpu
+    assert Case("0.5b", (640, 480), "cuda") in gpu and Case("0.5b", (1024, 768), "cuda") in gpu
+    assert all(c.device == "cuda" for c in gpu if c.preset == "tiny")
+    assert all(c.device == "cpu" for c in plan_cases(["tiny", "0.5b"], "cpu", has_cuda=True))
+    with pytest.raises(ValueError, match="CUDA"):
+        plan_cases(["tiny"], "cuda", has_cuda=False)
+
+
+def _tiny_prefix(model, processor):
+    image = processor.preprocess_image(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    return model.prefill(**processor.prefix_inputs(image))
+
+
+def test_scripted_answers_make_a_random_model_say_it_is_seg() -> None:
+    """The bench's segment latency relies on this: forced tokens, real forwards, one mask from the [SEG]."""
+    from pixel_sail_ros.bench.random_model import random_model
+    from pixel_sail_ros.model.processing_pixel_sail import SEG_ANSWER, PixelSailProcessor, refer_seg_question
+    from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
+
+    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2)
+    model = random_model(cfg, seed=3)
+    processor = PixelSailProcessor.from_config(cfg, build_tiny_tokenizer())
+    answer_ids = processor.encode_answer(SEG_ANSWER)  # It is [SEG] . <|endoftext|>
+    question = processor.encode_question(refer_seg_question("red circle"))
+    with torch.inference_mode():
+        prefix = _tiny_prefix(model, processor)
+        with ScriptedAnswers(model, fixed_answer(answer_ids), cfg.im_start_token_id, filler_id=answer_ids[0]) as s:
+            answer = model.generate_answer(prefix, question, max_new_tokens=32)
+        assert answer.token_ids == answer_ids[:-1] and answer.stopped
+        assert answer.mask_logits.shape[0] == 1
+        assert s.steps == len(answer_ids)  # the question chunk + one forward per fed token
+        # the hook is gone afterwards: the random model no longer follows the script
+        free = model.generate_answer(prefix, question, max_new_tokens=4, stop_token_ids=[])
+        assert free.token_ids != answer_ids[:4]
+
+
+def test_random_model_matches_an_ordinary_build_in_everything_but_values() -> None:
+    from pixel_sail_ros.bench.random_model import random_model
+    from pixel_sail_ros.model.modeling_pixel_sail import PixelSailForConditionalGeneration
+
+    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=1)
+    fast = random_model(cfg)
+    ref = PixelSailForConditionalGeneration(cfg)
+    assert {n: p.shape for n, p in fast.named_parameters()} == {n: p.shape for n, p in ref.named_parameters()}
+    for (name, a), (_, b) in zip(fast.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), name  # rotary frequencies recomputed, not left as garbage
+    assert all(torch.isfinite(p).all() for p in fast.parameters())
+    assert fast.lm_head.weight.data_ptr() == fast.model.embed_tokens.weight.data_ptr()  # tied like the preset

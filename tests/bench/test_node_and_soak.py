@@ -1,0 +1,116 @@
+"""The ROS suites end to end (the node in its own process), and their helpers.
+
+``test_soak_30_seconds`` is the CI soak of issue 7: 30 s of a 15 Hz stream with prompts, clicks and garbage.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
+
+from pixel_sail_ros.ros.bench.node_bench import Timed, summarise  # noqa: E402
+from pixel_sail_ros.ros.bench.soak import GARBAGE_KINDS, garbage_frame, rss_growth_pct  # noqa: E402
+
+from .conftest import run_bench  # noqa: E402
+
+NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "echo_ms_p50", "echo_method",
+             "dropped", "output_hz", "frames_sent", "p95_bound_ms", "p95_within_bound")
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+@pytest.mark.timeout(240)
+def test_node_suite_short(bench_model_dir: str) -> None:
+    code, doc, err = run_bench("--suite", "node", "--json", "--quick", "--seconds", "10", "--device", "cpu",
+                               "--model-path", bench_model_dir, timeout=200)
+    assert code == 0, err[-3000:]
+    node = doc["node"]
+    missing = [k for k in NODE_KEYS if k not in node]
+    assert not missing, missing
+    assert node["frames_sent"] >= 300 and node["stream_frames"] == 300  # 10 s at 30 Hz
+    assert node["results"] > 0 and node["results_measured"] > 0
+    assert node["results_for_unknown_frames"] == 0  # every result carries a header this run sent
+    # the node's books balance: every frame it received was answered or counted as dropped
+    assert node["results"] + node["dropped"] == node["frames_received"], node
+    assert node["frames_received"] >= 0.9 * node["frames_sent"]  # the bench transport carries the frames
+    assert node["e2e_ms_p50"] >= node["engine_ms_p50"] > 0
+    assert node["overhead_ms_p50"] > 0 and node["idle_overhead_ms_p50"] > 0
+    assert node["p95_bound_ms"] == pytest.approx(2 * node["engine_ms_p50"] + 20, abs=0.01)
+    assert node["p95_within_bound"] == (node["e2e_ms_p95"] <= node["p95_bound_ms"])
+    assert 0 < node["echo_ms_p50"] < 1000 and node["echo_frames_returned"] > 0
+    assert node["output_hz"] > 0 and node["node_alive_at_end"]
+    assert node["path_ms"]["to_rgb8_is_view"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+@pytest.mark.timeout(240)
+def test_soak_30_seconds(bench_model_dir: str) -> None:
+    code, doc, err = run_bench("--suite", "soak", "--json", "--seconds", "30", "--device", "cpu",
+                               "--model-path", bench_model_dir, timeout=200)
+    soak = doc["soak"]
+    assert soak["checks"] == {"no_crash": True, "every_good_frame_accounted": True, "node_books_balance": True,
+                              "rss_growth_below_5pct": True, "no_unexpected_errors": True,
+                              "headers_intact": True}, ({k: v for k, v in soak.items() if k != "samples"}, err[-3000:])
+    assert soak["passed"] is True and code == 0
+    assert soak["crashes"] == 0 and soak["clean_exit_on_sigint"]
+    assert soak["good_frames_sent"] >= 350 and soak["garbage_frames_sent"] >= 85  # 450 ticks, 1 in 5 garbage
+    assert soak["answered"] > 0 and soak["click_results"] > 0
+    assert soak["answered"] + soak["dropped"] == soak["good_frames_sent"]
+    assert soak["errors"] == soak["expected_errors"]  # each bad frame / click counted once, nothing else failed
+    assert len(soak["samples"]) >= 25 and all(s["rss_mb"] > 0 for s in soak["samples"])
+    assert soak["fds_end"] - soak["fds_start"] <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+@pytest.mark.timeout(120)
+def test_a_node_that_cannot_start_fails_the_soak_with_its_reason(tmp_path) -> None:
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint directory the node cannot load
+    code, doc, err = run_bench("--suite", "soak", "--seconds", "5", "--device", "cpu", "--model-path", str(tmp_path),
+                               timeout=100)
+    assert code == 2 and "the node exited" in doc["error"], (doc, err[-2000:])
+    assert "configure failed" in doc["error"]  # the node's own log line travels with the error
+
+
+def test_every_garbage_kind_is_rejected_by_the_conversion() -> None:
+    from pixel_sail_ros.ros.bench.node_bench import frame_message
+    from pixel_sail_ros.ros.image_conversion import ImageConversionError, to_rgb8
+
+    good = frame_message(64, 48)
+    assert to_rgb8(good).shape == (48, 64, 3)
+    for kind in GARBAGE_KINDS:
+        with pytest.raises(ImageConversionError):
+            to_rgb8(garbage_frame(kind, good))
+
+
+def test_rss_growth_uses_the_samples_after_warmup() -> None:
+    # 100 → 150 MB while warming up (not growth), then +0.1 MB/s
+    samples = [{"t_s": float(t), "rss_mb": 100.0 + 10 * t if t < 5 else 150.0 + (t - 5) * 0.1} for t in range(20)]
+    growth, ref, end = rss_growth_pct(samples, warmup_s=5.0)
+    assert ref == pytest.approx(150.1) and end == pytest.approx(151.3)
+    assert growth == pytest.approx(100 * 1.2 / 150.1)
+    assert rss_growth_pct(samples[:1], 0.0) == (None, None, None)
+
+
+def test_summarise_keeps_the_window_and_computes_overhead() -> None:
+    ms = 1_000_000
+    timed = [Timed(sent_ns=i * 100 * ms, recv_ns=i * 100 * ms + 60 * ms, engine_s=0.05) for i in range(10)]
+    out = summarise(timed, window_start_ns=200 * ms, window_end_ns=900 * ms)
+    assert out["results_measured"] == 8
+    assert out["e2e_ms_p50"] == pytest.approx(60.0) and out["engine_ms_p50"] == pytest.approx(50.0)
+    assert out["overhead_ms_p50"] == pytest.approx(10.0)
+    assert out["p95_bound_ms"] == pytest.approx(120.0) and out["p95_within_bound"] is True
+    assert out["output_hz"] == pytest.approx(8 / 0.7, rel=1e-3)
+
+
+def test_target_flags() -> None:
+    from pixel_sail_ros.ros.bench.node_bench import target_flags
+
+    flags = target_flags(overhead=12.0, idle=2.0, hop=1.2)
+    assert flags["overhead_vs_echo"] == 10.0
+    assert not flags["overhead_within_10ms"] and not flags["overhead_within_2x_echo"]
+    assert flags["idle_overhead_within_10ms"] and flags["idle_overhead_within_2x_echo"]
+    assert not any(v for k, v in target_flags(None, None, None).items() if k != "overhead_vs_echo")
