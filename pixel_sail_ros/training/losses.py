@@ -227,6 +227,40 @@ def aux_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor], targets: 
     return torch.stack(terms).mean()
 
 
+def seg_query_attribute_loss(probe: AttributeProbe, seg_embeddings: Sequence[Tensor | None],
+                             seg_masks: Sequence[Tensor | None] | None, targets: Sequence[Tensor | None]) -> Tensor | None:
+    """Mean CE of ``probe`` on each [SEG] embedding vs the attributes of the object it must segment.
+
+    Why: from scratch, the [SEG] query first learns "any object" (masks every object alike) and binds to the
+    words of the phrase only slowly. Reading the same linear probe as the pixel features (``aux_pixel``) off the
+    query puts both in one attribute space, so the dot product that makes the mask favours matching pixels.
+    The target's class is the most common class of ``targets`` (A, H, W) under its ground-truth mask.
+    """
+    if seg_masks is None:
+        return None
+    terms = []
+    for emb, masks, t in zip(seg_embeddings, seg_masks, targets):
+        if emb is None or masks is None or t is None or emb.shape[0] == 0:
+            continue
+        t = t.to(emb.device)
+        masks = masks.to(emb.device)
+        if masks.shape[-2:] != t.shape[-2:]:
+            continue
+        for q in range(min(emb.shape[0], masks.shape[0])):
+            on = masks[q].bool()
+            if not on.any():
+                continue
+            logits = probe(emb[q].float()[None, :, None, None])
+            for a, lg in enumerate(logits):
+                cls = torch.mode(t[a][on].long()).values
+                if int(cls) == 0:  # the mask lies on background only (e.g. a wholly hidden object)
+                    continue
+                terms.append(F.cross_entropy(lg.reshape(1, -1), cls.reshape(1)))
+    if not terms:
+        return None
+    return torch.stack(terms).mean()
+
+
 # ------------------------------------------------------------------------------------------ combined
 
 

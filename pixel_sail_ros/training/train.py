@@ -54,13 +54,13 @@ from .data import (
     ShapesRefDataset,
     batch_to_device,
 )
-from .losses import AttributeProbe, LossWeights, aux_attribute_loss, compute_losses
+from .losses import AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, seg_query_attribute_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Values averaged over ranks for the log (a fixed list, so every rank's all_reduce has the same shape).
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
-    "loss_aux_pixel", "loss_aux_token", "grad_norm",
+    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "grad_norm",
 )
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -394,7 +394,9 @@ class TrainModule(nn.Module):
                 h = out.last_hidden_state[b][batch["input_ids"][b] == self.patch_token_id]
                 tokens.append(h.view(grid[0], grid[1], -1).permute(2, 0, 1) if h.shape[0] else None)
             a2 = aux_attribute_loss(self.aux_token, tokens, batch["aux_targets"])
-            for name, a in (("loss_aux_pixel", a1), ("loss_aux_token", a2)):
+            # The [SEG] queries read through the pixel probe: one attribute space for queries and pixels.
+            a3 = seg_query_attribute_loss(self.aux_pixel, out.seg_embeddings, batch.get("seg_masks"), batch["aux_targets"])
+            for name, a in (("loss_aux_pixel", a1), ("loss_aux_token", a2), ("loss_aux_query", a3)):
                 if a is not None:
                     loss = loss + self.weights.aux * a
                     parts[name] = float(a.detach())

@@ -148,3 +148,32 @@ def test_aux_attribute_loss_learns_a_trivial_map():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
+
+
+def test_seg_query_attribute_loss_reads_the_target_class_under_its_mask() -> None:
+    import torch
+
+    from pixel_sail_ros.training.losses import AttributeProbe, seg_query_attribute_loss
+
+    torch.manual_seed(0)
+    probe = AttributeProbe(4, (3,))
+    with torch.no_grad():
+        probe.heads[0].weight.zero_()
+        probe.heads[0].bias.zero_()
+        probe.heads[0].weight[1, 0, 0, 0] = 5.0  # class 1 reads dimension 0
+        probe.heads[0].weight[2, 1, 0, 0] = 5.0  # class 2 reads dimension 1
+    targets = torch.zeros(1, 6, 6, dtype=torch.uint8)
+    targets[0, :3] = 1
+    targets[0, 3:] = 2
+    mask_top = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask_top[0, :2, :2] = True
+    right = torch.tensor([[3.0, 0.0, 0.0, 0.0]])
+    wrong = torch.tensor([[0.0, 3.0, 0.0, 0.0]])
+    low = seg_query_attribute_loss(probe, [right], [mask_top], [targets])
+    high = seg_query_attribute_loss(probe, [wrong], [mask_top], [targets])
+    assert low is not None and high is not None and float(low) < 0.01 < 5.0 < float(high)
+    background_only = torch.zeros(1, 6, 6, dtype=torch.bool)
+    assert seg_query_attribute_loss(probe, [right], [background_only], [targets]) is None
+    emb = right.clone().requires_grad_(True)
+    seg_query_attribute_loss(probe, [emb], [mask_top], [targets * 0 + 2]).backward()
+    assert emb.grad is not None and emb.grad[0, 1] < 0  # pushes the query towards class 2's direction
