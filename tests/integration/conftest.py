@@ -7,15 +7,34 @@ import pytest
 from .node_harness import BUNDLED
 
 
+# The issue's targets for the bundled model (held-out ShapesRef, >= 500 samples).
+TARGETS = {"ciou": 0.85, "no_target_accuracy": 0.9, "description_accuracy": 0.9}
+
+
+def bundled_meets_targets() -> bool:
+    """True when the bundled model's recorded eval (its eval_shapesref.json) reaches every target.
+
+    Then the node tests also score answers against ground truth; the recorded eval itself is checked against
+    a fresh `pixel-sail-eval` run in tests/training/test_bundled_model.py, so it cannot claim what it does not do.
+    """
+    import json
+
+    record = BUNDLED / "eval_shapesref.json"
+    if not record.is_file():
+        return False
+    metrics = json.loads(record.read_text())
+    return all((metrics.get(k) or 0.0) >= v for k, v in TARGETS.items())
+
+
 @pytest.fixture(scope="session")
 def quality_model() -> bool:
-    """True when the trained bundled model is there, so answers can be scored against ground truth."""
-    return (BUNDLED / "config.json").is_file()
+    return bundled_meets_targets()
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, quality_model: bool) -> str:
-    if quality_model:
+def model_dir(tmp_path_factory) -> str:
+    """The bundled checkpoint; a random tiny one only while no bundled model exists."""
+    if (BUNDLED / "config.json").is_file():
         return str(BUNDLED)
     import torch
 

@@ -1,0 +1,37 @@
+"""The bundled default model is what the README says: `pixel-sail-eval` reproduces its recorded numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BUNDLED = Path(__file__).resolve().parents[2] / "pixel_sail_ros" / "checkpoints" / "shapesref_tiny"
+RECORD = BUNDLED / "eval_shapesref.json"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_bundled_checkpoint_is_small_safetensors_and_json_only() -> None:
+    files = {p.name for p in BUNDLED.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "eval_shapesref.json"} <= files
+    assert all(p.suffix in {".json", ".safetensors", ".md"} for p in BUNDLED.iterdir()), files
+    assert sum(p.stat().st_size for p in BUNDLED.iterdir()) < 30 * 2**20
+
+
+def test_eval_reproduces_the_recorded_numbers() -> None:
+    record = json.loads(RECORD.read_text())
+    cmd = [sys.executable, "-m", "pixel_sail_ros.training.evaluate", "--model", str(BUNDLED), "--data", "shapesref",
+           "--num-samples", str(record["num_samples"]), "--seed", str(record["seed"]), "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = json.loads(out.stdout)
+    # Float32 on the CPU is deterministic up to the reduction order of the thread count: allow a few pixels on
+    # the IoUs and at most one flipped answer on the accuracies.
+    for key, tol in (("ciou", 2e-3), ("giou", 2e-3), ("click_ciou", 2e-3), ("no_target_accuracy", 0.01),
+                     ("target_found_accuracy", 0.01), ("description_accuracy", 0.01)):
+        assert fresh[key] == pytest.approx(record[key], abs=tol), f"{key}: recorded {record[key]}, measured {fresh[key]}"
+    assert fresh["num_samples"] >= 500
