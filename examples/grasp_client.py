@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
@@ -47,14 +48,14 @@ class GraspClient(Node):
         self.clouds: dict[tuple[int, int], PointCloud2] = {}
         self.create_subscription(PointCloud2, "object_cloud", self._on_cloud, 5)
         if listen:
-            self.create_subscription(String, listen, lambda m: self.handle(m.data), 10)
+            self.create_subscription(String, listen, lambda m: self.on_command(m.data), 10)
 
     def _on_cloud(self, msg: PointCloud2) -> None:
         self.clouds[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
         while len(self.clouds) > 20:
             self.clouds.pop(next(iter(self.clouds)))
 
-    def handle(self, text: str) -> None:
+    def on_command(self, text: str) -> None:
         phrase = command_to_phrase(text)
         if not phrase:
             return
@@ -92,6 +93,9 @@ class GraspClient(Node):
         cloud = self.clouds.get(stamp)
         if cloud is not None:
             pts = read_points(cloud)
+            if len(pts) == 0:
+                print("  cloud empty (no valid depth under the mask)", flush=True)
+                return
             lo, hi = pts.min(axis=0), pts.max(axis=0)
             print(f"  cloud {len(pts)} points, extent x[{lo[0]:+.3f},{hi[0]:+.3f}] y[{lo[1]:+.3f},{hi[1]:+.3f}] "
                   f"z[{lo[2]:.3f},{hi[2]:.3f}] m", flush=True)
@@ -104,16 +108,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(rclpy.utilities.remove_ros_args(sys.argv if argv is None else argv)[1:])
     rclpy.init()
     client = GraspClient(args.namespace, args.listen)
-    spinner = threading.Thread(target=rclpy.spin, args=(client,), daemon=True)
+    executor = SingleThreadedExecutor()
+    executor.add_node(client)
+
+    def spin() -> None:
+        try:
+            executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
         for line in sys.stdin:
-            client.handle(line)
+            client.on_command(line)
         if args.listen:
             spinner.join()
     except KeyboardInterrupt:
         pass
     finally:
+        executor.shutdown()  # stops the spinning thread before the node goes away
+        spinner.join(timeout=2.0)
         client.destroy_node()
         rclpy.try_shutdown()
     return 0

@@ -28,7 +28,7 @@ from pixel_sail_ros.msg import SegmentationResult  # noqa: E402
 from pixel_sail_ros.ros.image_conversion import numpy_to_image  # noqa: E402
 from pixel_sail_ros.ros.parameters import BY_NAME  # noqa: E402
 from pixel_sail_ros.ros.point_cloud import mask_centroid_3d, read_points  # noqa: E402
-from pixel_sail_ros.ros.synthetic_camera import render_frame  # noqa: E402
+from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 from pixel_sail_ros.srv import Segment  # noqa: E402
 from pixel_sail_ros.training import shapesref  # noqa: E402
 
@@ -337,7 +337,8 @@ def test_grasp_client_example_turns_a_spoken_line_into_a_target(client: Client, 
             pub_img.publish(img)
             i += 1
             client.spin_until(lambda: False, 0.1)
-        out = proc.communicate(timeout=10)[0]
+        proc.wait(timeout=10)
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
