@@ -24,7 +24,7 @@ from pixel_sail_ros.bench.stats import percentile, rounded
 
 log = logging.getLogger("pixel_sail_bench.node")
 
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapesref_tiny"  # = engine's
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapesref_tiny"  # = engine's
 
 WIDTH, HEIGHT, RATE_HZ = 640, 480, 30.0
 PROMPT = "red circle"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger("pixel_sail_bench.ros")
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # pixel_sail_ros/
 PARAMS_FILE = PACKAGE_ROOT.parent / "config" / "pixel_sail.yaml"
 READY_LINE = "active: waiting for frames"
 
