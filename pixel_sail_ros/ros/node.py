@@ -87,6 +87,21 @@ class ThrottledLogger:
             getattr(self._logger, level)(message + suffix)
 
 
+def guarded(callback):
+    """Run a subscription callback so nothing a sender did can raise into rclpy's executor (and end the node):
+    bad input (ValueError) is counted and logged by the callback itself; anything else is counted and logged here."""
+
+    def wrapper(self: "PixelSailNode", msg: Any) -> None:
+        try:
+            callback(self, msg)
+        except Exception as exc:  # noqa: BLE001 - the node must keep running
+            self._count_error(callback.__name__, f"{callback.__name__}: unexpected {type(exc).__name__}: {exc}")
+
+    wrapper.__name__ = callback.__name__
+    wrapper.__doc__ = callback.__doc__
+    return wrapper
+
+
 class PixelSailNode(LifecycleNode):
     """Lifecycle node `pixel_sail`; topic names are relative so namespaces and remaps move them."""
 
@@ -287,6 +302,7 @@ class PixelSailNode(LifecycleNode):
             return image_conversion.compressed_to_rgb8(msg, max_pixels=self.p("max_image_pixels"))
         return image_conversion.to_rgb8(msg, max_pixels=self.p("max_image_pixels"))
 
+    @guarded
     def _on_image(self, msg: Any) -> None:
         try:
             rgb = self._decode(msg)
@@ -295,6 +311,7 @@ class PixelSailNode(LifecycleNode):
             return
         self._queue.put_frame(Frame(rgb=rgb, header=msg.header))
 
+    @guarded
     def _on_prompt(self, msg: String) -> None:
         text = msg.data
         if text.strip():
@@ -313,6 +330,7 @@ class PixelSailNode(LifecycleNode):
         self.get_logger().info(f"prompt set to {text!r}" if text else "prompt cleared: continuous segmentation stopped")
         self._queue.set_prompt_active(bool(text))
 
+    @guarded
     def _on_click(self, msg: PointStamped) -> None:
         frame = self._queue.latest_frame()
         if frame is None:
@@ -327,6 +345,7 @@ class PixelSailNode(LifecycleNode):
         if not self._queue.put_click(ClickRequest(msg.point.x, msg.point.y, frame)):
             self._count_error("click", f"click rejected: {self._queue.max_clicks} clicks are already waiting")
 
+    @guarded
     def _on_depth(self, msg: Image) -> None:
         try:
             depth = image_conversion.depth_to_meters(msg, max_pixels=self.p("max_image_pixels"))
@@ -335,6 +354,7 @@ class PixelSailNode(LifecycleNode):
             return
         self._depth.put(stamp_seconds(msg.header), depth)
 
+    @guarded
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
 
@@ -481,10 +501,11 @@ class PixelSailNode(LifecycleNode):
                 [(b.x_offset, b.y_offset, b.x_offset + b.width, b.y_offset + b.height) for b in req.boxes], w, h)
             if not text and not points and not boxes:
                 raise ValueError("nothing to segment: give a text, points or boxes")
-        except ValueError as exc:
-            resp.success, resp.message = False, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad request is an answer, never a dead node
+            text = str(exc) if isinstance(exc, ValueError) else f"malformed request ({type(exc).__name__}: {exc})"
+            resp.success, resp.message = False, text
             self.errors += 1
-            self._last_error = f"segment request rejected: {exc}"
+            self._last_error = f"segment request rejected: {text}"
             log_warning(self.get_logger(), self._last_error)
             return resp
         try:

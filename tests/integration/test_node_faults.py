@@ -32,7 +32,7 @@ from std_msgs.msg import String  # noqa: E402
 from pixel_sail_ros.msg import SegmentationResult  # noqa: E402
 from pixel_sail_ros.ros.image_conversion import numpy_to_image, rgb8_to_compressed  # noqa: E402
 from pixel_sail_ros.ros.node import PixelSailNode  # noqa: E402
-from pixel_sail_ros.ros.synthetic_camera import render_frame  # noqa: E402
+from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 from pixel_sail_ros.srv import Segment  # noqa: E402
 
 from .node_harness import Client, NodeProcess  # noqa: E402
@@ -68,6 +68,10 @@ def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return real(*args, **kwargs)
 
+        before = node.errors
+        node._on_image(object())  # not an Image at all: counted and logged, never raised into the executor
+        node._on_depth(b"garbage")
+        assert node.errors == before + 2
         node._engine.segment = fail_once
         diags: list[DiagnosticArray] = []
         client.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
