@@ -103,7 +103,7 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
     env = dict(os.environ)
     node_cmd = [sys.executable, "-m", "pixel_sail_ros.ros.node", "--ros-args", "-r", f"__ns:={namespace}",
                 "--params-file", str(ROOT / "config" / "pixel_sail.yaml"), "-p", "use_depth:=true",
-                "-p", "image_qos:=reliable", "-p", f"model_path:={model_path}"]
+                "-p", "image_qos:=reliable"] + (["-p", f"model_path:={model_path}"] if model_path else [])
     print("starting:", " ".join(node_cmd[1:]), flush=True)
     proc = subprocess.Popen(node_cmd, env=env)
     rclpy.init()
@@ -113,10 +113,10 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
     answered = 0
     asked = 0
     try:
-        ready = wait_for(ex, lambda: driver.pub_prompt.get_subscription_count() > 0
-                         and driver.pub_click.get_subscription_count() > 0, 120.0)
-        if not ready:
-            print("the node did not come up within 120 s", flush=True)
+        ready = wait_for(ex, lambda: proc.poll() is not None or (driver.pub_prompt.get_subscription_count() > 0
+                                                                and driver.pub_click.get_subscription_count() > 0), 120.0)
+        if not ready or proc.poll() is not None:
+            print("the node did not come up (see its log above)", flush=True)
             return 1
         for k in range(scenes):
             frame = render_frame(seed, k, 640, 480)
