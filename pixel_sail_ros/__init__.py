@@ -4,6 +4,7 @@ This module imports nothing heavy and never rclpy, so ``pip install .`` gives a 
 library. The ROS layer lives in :mod:`pixel_sail_ros.ros`.
 """
 
+from pathlib import Path as _Path
 from pkgutil import extend_path
 
 # The generated ROS interfaces (pixel_sail_ros.msg / .srv) are installed by CMake next to a copy of this
@@ -11,3 +12,6 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 __version__ = "0.1.0"
+
+# The bundled default checkpoint (a plain path, so light tools can find it without importing torch).
+BUNDLED_CHECKPOINT = _Path(__file__).resolve().parent / "checkpoints" / "shapesref_tiny"

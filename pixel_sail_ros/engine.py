@@ -27,7 +27,7 @@ from .model.processing_pixel_sail import (
     vp_seg_question,
 )
 
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "shapesref_tiny"
+from pixel_sail_ros import BUNDLED_CHECKPOINT  # noqa: E402 (one definition, shared with the light tools)
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,11 +20,11 @@ from typing import Any, Optional
 
 from .ros_side import (DiagnosticsWatcher, RateLoop, RosSide, receive_ns, set_stamp_now, stamp_key, start_echo,
                        start_node, unique_names)
+from pixel_sail_ros import BUNDLED_CHECKPOINT
 from pixel_sail_ros.bench.stats import percentile, rounded
 
 log = logging.getLogger("pixel_sail_bench.node")
 
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "shapesref_tiny"  # = engine's
 
 WIDTH, HEIGHT, RATE_HZ = 640, 480, 30.0
 PROMPT = "red circle"
