@@ -9,6 +9,7 @@ and shares the engine through a lock. The model is loaded once in `configure` an
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ from pixel_sail_ros.srv import Segment
 
 from . import conversions, image_conversion, point_cloud, visualization
 from .parameters import PARAMETERS, ParamSpec
-from .scheduling import ClickRequest, Frame, RollingStats, StampedBuffer, WorkQueue
+from .scheduling import ClickRequest, Frame, RollingStats, SequenceGaps, StampedBuffer, WorkQueue
 
 NODE_NAME = "pixel_sail"
 
@@ -89,13 +90,21 @@ class ThrottledLogger:
 
 def guarded(callback):
     """Run a subscription callback so nothing a sender did can raise into rclpy's executor (and end the node):
-    bad input (ValueError) is counted and logged by the callback itself; anything else is counted and logged here."""
+    bad input (ValueError) is counted and logged by the callback itself; anything else is counted and logged here.
+    A callback written as ``(self, msg, info)`` keeps that arity, so rclpy still passes it the message info."""
 
-    def wrapper(self: "PixelSailNode", msg: Any) -> None:
+    def run(self: "PixelSailNode", *args: Any) -> None:
         try:
-            callback(self, msg)
+            callback(self, *args)
         except Exception as exc:  # noqa: BLE001 - the node must keep running
             self._count_error(callback.__name__, f"{callback.__name__}: unexpected {type(exc).__name__}: {exc}")
+
+    if len(inspect.signature(callback).parameters) == 3:
+        def wrapper(self: "PixelSailNode", msg: Any, info: Any) -> None:
+            run(self, msg, info)
+    else:
+        def wrapper(self: "PixelSailNode", msg: Any) -> None:  # type: ignore[misc]
+            run(self, msg)
 
     wrapper.__name__ = callback.__name__
     wrapper.__doc__ = callback.__doc__
@@ -117,12 +126,14 @@ class PixelSailNode(LifecycleNode):
         self._prompt = ""
         self._prompt_lock = threading.Lock()
         self._depth = StampedBuffer[Any](size=15)
+        self._transport_gaps = SequenceGaps()
         self._camera_info: Optional[CameraInfo] = None
         self._throttle = ThrottledLogger(self.get_logger())
         self._latency = RollingStats()
         self._engine_time = RollingStats()
         self.errors = 0
         self.results = 0
+        self.frames_rejected = 0  # image messages that could not be decoded (counted in errors too)
         self._last_error = ""
         self._last_rate_time = 0.0
         self._subs: list[Any] = []
@@ -275,6 +286,7 @@ class PixelSailNode(LifecycleNode):
         grp = self._cb_inputs
         topic = self._image_topic()
         msg_type = CompressedImage if self.p("use_compressed") else Image
+        self._transport_gaps.reset_streams()  # what was sent while unsubscribed was not lost in transport
         self._subs = [
             self.create_subscription(msg_type, topic, self._on_image, qos, callback_group=grp,
                                      event_callbacks=self._qos_warning(topic)),
@@ -303,13 +315,28 @@ class PixelSailNode(LifecycleNode):
         return image_conversion.to_rgb8(msg, max_pixels=self.p("max_image_pixels"))
 
     @guarded
-    def _on_image(self, msg: Any) -> None:
+    def _on_image(self, msg: Any, info: Any) -> None:
+        self._count_transport_loss(info)
         try:
             rgb = self._decode(msg)
         except ValueError as exc:
+            self.frames_rejected += 1
             self._count_error("image", f"dropped a frame on '{self._image_topic()}': {exc}")
             return
         self._queue.put_frame(Frame(rgb=rgb, header=msg.header))
+
+    def _count_transport_loss(self, info: Any) -> None:
+        """Frames the publisher sent that never reached this callback (best-effort reader overwritten or network
+        loss) show up as gaps in its sequence numbers: count them, so no frame disappears uncounted."""
+        gid = (info.get("publisher_gid") or {}).get("data") if isinstance(info, dict) else None
+        seq = info.get("publication_sequence_number") if isinstance(info, dict) else None
+        lost = self._transport_gaps.observe(bytes(gid) if gid is not None else None, seq)
+        if lost:
+            self._throttle.log(
+                "warn", "transport-loss",
+                f"{self._transport_gaps.lost} frame(s) on '{self._image_topic()}' so far were lost before reaching "
+                "this node (best-effort QoS under load, or a network too slow for the frame size); they are counted "
+                "in /diagnostics as frames_lost_in_transport")
 
     @guarded
     def _on_prompt(self, msg: String) -> None:
@@ -544,6 +571,8 @@ class PixelSailNode(LifecycleNode):
             "errors": self.errors,
             "frames_received": self._queue.frames.received,
             "frames_dropped": self._queue.frames.dropped,
+            "frames_rejected": self.frames_rejected,
+            "frames_lost_in_transport": self._transport_gaps.lost,
             "clicks_rejected": self._queue.clicks_rejected,
             "output_rate_hz": round(self._latency.rate_hz(), 3),
             "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Generic, Optional, TypeVar
 
@@ -209,3 +209,44 @@ class RollingStats:
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+class SequenceGaps:
+    """Counts messages that a subscription never received, from each publisher's sequence numbers.
+
+    Why: under best-effort QoS a frame the DDS reader overwrote or the network lost never reaches the
+    callback, so the newest-frame slot cannot count it. The rmw's message info carries the writer's
+    publication sequence number; a jump from n to n+k means k-1 messages from that publisher were lost
+    before this node saw them. Messages sent before the first one received (before discovery) are not
+    counted; a sequence that goes back means the publisher was restarted and starts a new count.
+    """
+
+    def __init__(self, max_publishers: int = 64) -> None:
+        self._last: OrderedDict[bytes, int] = OrderedDict()
+        self._max = max_publishers
+        self._lock = threading.Lock()
+        self.lost = 0
+        self.supported: Optional[bool] = None  # None until the first message says whether the rmw numbers them
+
+    def observe(self, publisher: Optional[bytes], sequence: Optional[int]) -> int:
+        """Record one received message; returns how many from the same publisher were skipped before it."""
+        with self._lock:
+            if publisher is None or not sequence:  # 0 / None: the rmw does not number its messages
+                if self.supported is None:
+                    self.supported = False
+                return 0
+            self.supported = True
+            last = self._last.pop(publisher, None)
+            self._last[publisher] = sequence
+            if len(self._last) > self._max:  # forget the publisher heard from least recently
+                self._last.popitem(last=False)
+            if last is None or sequence <= last:
+                return 0
+            gap = sequence - last - 1
+            self.lost += gap
+            return gap
+
+    def reset_streams(self) -> None:
+        """Forget every publisher's position (e.g. while unsubscribed), keeping the total lost so far."""
+        with self._lock:
+            self._last.clear()

@@ -255,7 +255,8 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess) -> None:
     assert client.spin_until(lambda: any(s.name.endswith("pixel_sail: inference") for m in msgs for s in m.status), 10)
     st = next(s for m in msgs for s in m.status if s.name.endswith("pixel_sail: inference"))
     values = {kv.key: kv.value for kv in st.values}
-    for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "latency_ms_p50", "output_rate_hz"):
+    for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "frames_rejected",
+                "frames_lost_in_transport", "latency_ms_p50", "output_rate_hz"):
         assert key in values, key
     assert values["device"].startswith("cpu") and int(values["results"]) >= 1 and int(values["errors"]) >= 1
 

@@ -7,7 +7,11 @@ import time
 
 import numpy as np
 
-from pixel_sail_ros.ros.scheduling import ClickRequest, Frame, LatestSlot, RollingStats, StampedBuffer, WorkQueue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pixel_sail_ros.ros.scheduling import (ClickRequest, Frame, LatestSlot, RollingStats, SequenceGaps, StampedBuffer,
+                                          WorkQueue)
 
 
 def _frame(i: int) -> Frame:
@@ -81,3 +85,38 @@ def test_rolling_stats() -> None:
     for i in range(11):
         r.add(float(i), now=i * 0.1)
     assert r.percentile(50) == 5.0 and abs(r.rate_hz() - 10.0) < 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c"]), st.integers(1, 40)), max_size=120),
+       st.randoms(use_true_random=False))
+def test_sequence_gaps_count_exactly_the_unseen_messages(sent: list, rnd) -> None:
+    """Each publisher sends 1..n; the subscription sees a random in-order subset of each stream. What is lost
+    between the first and the last message it saw, per publisher, is exactly what is counted."""
+    streams = {pub: n for pub, n in sent}
+    received = {pub: sorted(rnd.sample(range(1, n + 1), rnd.randint(0, n))) for pub, n in streams.items()}
+    order = [(pub, seq) for pub, seqs in received.items() for seq in seqs]
+    rnd.shuffle(order)  # interleave publishers, but keep each one's own order
+    per_pub = {pub: iter(seqs) for pub, seqs in received.items()}
+    gaps = SequenceGaps()
+    for pub, _ in order:
+        gaps.observe(pub, next(per_pub[pub]))
+    expected = sum(s[-1] - s[0] + 1 - len(s) for s in received.values() if s)
+    assert gaps.lost == expected
+
+
+def test_sequence_gaps_restart_unsupported_and_reset() -> None:
+    gaps = SequenceGaps(max_publishers=2)
+    assert gaps.observe(b"p", 5) == 0  # before the first message received: not attributable, not counted
+    assert gaps.observe(b"p", 9) == 3
+    assert gaps.observe(b"p", 2) == 0  # publisher restarted: a new count
+    assert gaps.observe(b"p", 4) == 1
+    assert gaps.lost == 4 and gaps.supported is True
+    gaps.reset_streams()  # unsubscribed meanwhile: what was sent then is not a transport loss
+    assert gaps.observe(b"p", 50) == 0 and gaps.lost == 4
+    gaps.observe(b"q", 1)
+    gaps.observe(b"r", 1)  # bounded memory: p, heard from least recently, is forgotten
+    assert gaps.observe(b"p", 60) == 0
+    none = SequenceGaps()
+    assert none.observe(None, None) == 0 and none.observe(b"p", 0) == 0
+    assert none.lost == 0 and none.supported is False

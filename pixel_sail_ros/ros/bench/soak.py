@@ -251,6 +251,9 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         good = driver.counts["good"]
         received = int(diag.number("frames_received", -1))
         dropped = int(diag.number("frames_dropped", -1))
+        rejected = int(diag.number("frames_rejected", -1))
+        lost = int(diag.number("frames_lost_in_transport", -1))
+        sent = good + driver.counts["garbage"]
         errors = int(diag.number("errors", -1))
         answered = len(driver.answered)
         expected_errors = driver.counts["garbage"] + driver.counts["bad_clicks"]
@@ -258,9 +261,10 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         fds = [s["fds"] for s in sampler.samples if s["fds"] is not None]
         checks = {
             "no_crash": died_at is None,
-            # what the issue asks: every good frame sent was answered or counted (frames that never reach the
-            # node's callback, e.g. overwritten in its DDS reader, make this fail: the node cannot count them)
-            "every_good_frame_accounted": good > 0 and answered + dropped == good,
+            # what the issue asks: every frame sent was answered or counted by the node — dropped for a newer one,
+            # rejected as malformed, or lost in transport (a gap in the publisher's sequence numbers)
+            "every_frame_accounted": good > 0 and answered + dropped + rejected + lost == sent,
+            "every_garbage_frame_rejected_or_lost": rejected <= driver.counts["garbage"] <= rejected + lost,
             # the node's own books: every frame its callback saw was answered or counted as dropped
             "node_books_balance": received > 0 and answered + dropped == received,
             "rss_growth_below_5pct": growth is not None and growth < RSS_GROWTH_LIMIT_PCT,
@@ -292,8 +296,9 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "frames_received": received,
             "answered": answered,
             "dropped": dropped,
-            "unaccounted": good - answered - dropped,
-            "lost_before_node": good - received,
+            "frames_rejected": rejected,
+            "frames_lost_in_transport": lost,
+            "unaccounted": sent - answered - dropped - rejected - lost,
             "results": answered + driver.click_results,
             "click_results": driver.click_results,
             "results_diagnostics": int(diag.number("results", -1)),
