@@ -53,7 +53,17 @@ class DemoDriver(Node):
         self.create_subscription(SegmentationResult, "segmentation", self.results.append, 10)
         self.create_subscription(Image, "debug_image", self._on_overlay, 2)
         self.frame: Optional[SyntheticFrame] = None
+        self.scene_start_ns = 0
         self.create_timer(0.2, self._publish_frame)
+
+    def show(self, frame: SyntheticFrame) -> None:
+        """Switch the camera to a new scene; results about frames stamped before now are the old scene's."""
+        self.scene_start_ns = self.get_clock().now().nanoseconds
+        self.frame = frame
+
+    def current(self, res: SegmentationResult) -> bool:
+        """Whether a result is about a frame of the scene on show (the node may still answer an older frame)."""
+        return res.header.stamp.sec * 1_000_000_000 + res.header.stamp.nanosec >= self.scene_start_ns
 
     def _on_overlay(self, msg: Image) -> None:
         self.overlays.append((msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, image_to_numpy(msg, copy=True)))
@@ -97,8 +107,8 @@ def describe_result(res: SegmentationResult, frame: SyntheticFrame, target: Opti
             f"@({obj.bbox.x_offset},{obj.bbox.y_offset}){pos}  [{truth}]  model {lat}")
 
 
-def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: float) -> int:
-    namespace = "/pixel_sail"
+def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: float,
+             namespace: str = "/pixel_sail") -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     node_cmd = [sys.executable, "-m", "pixel_sail_ros.ros.node", "--ros-args", "-r", f"__ns:={namespace}",
@@ -120,7 +130,7 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
             return 1
         for k in range(scenes):
             frame = render_frame(seed, k, 640, 480)
-            driver.frame = frame
+            driver.show(frame)
             rng = np.random.default_rng([seed, k])
             exprs = shapesref.expressions(frame.scene, rng)
             present = [e for e in exprs if e.target is not None]
@@ -134,12 +144,15 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
                 driver.overlays.clear()
                 t0 = time.monotonic()
                 driver.pub_prompt.publish(String(data=expr.text))
-                ok = wait_for(ex, lambda: any(r.prompt == expr.text for r in driver.results), timeout)
+                def answer() -> Optional[SegmentationResult]:
+                    return next((r for r in driver.results if r.prompt == expr.text and driver.current(r)), None)
+
+                ok = wait_for(ex, lambda: answer() is not None, timeout)
                 if not ok:
                     print(f"  prompt {expr.text!r}: no answer within {timeout:.0f} s", flush=True)
                     continue
                 answered += 1
-                res = next(r for r in driver.results if r.prompt == expr.text)
+                res = answer()
                 print(f"  prompt {expr.text!r}: {describe_result(res, frame, expr.target)}  "
                       f"(end-to-end {1000 * (time.monotonic() - t0):.0f} ms)", flush=True)
                 stamp = res.header.stamp.sec + res.header.stamp.nanosec * 1e-9
@@ -160,10 +173,10 @@ def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: fl
             driver.results.clear()
             wait_for(ex, lambda: False, 0.3)
             driver.pub_click.publish(click)
-            ok = wait_for(ex, lambda: any(len(r.points) == 1 for r in driver.results), timeout)
+            ok = wait_for(ex, lambda: any(len(r.points) == 1 and driver.current(r) for r in driver.results), timeout)
             if ok:
                 answered += 1
-                res = next(r for r in driver.results if len(r.points) == 1)
+                res = next(r for r in driver.results if len(r.points) == 1 and driver.current(r))
                 print(f"  click ({x}, {y}) on {shapesref.describe(frame.scene.objects[target])}: "
                       f"description {res.description!r}; {describe_result(res, frame, target)}", flush=True)
             else:
@@ -188,8 +201,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--scenes", type=int, default=3)
     ap.add_argument("--seed", type=int, default=2026, help="ShapesRef seed of the demo scenes (not a training seed)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+    ap.add_argument("--namespace", default="/pixel_sail", help="namespace of the node and the synthetic camera")
     a = ap.parse_args(argv)
-    return run_demo(a.model_path, Path(a.out), a.scenes, a.seed, a.timeout)
+    return run_demo(a.model_path, Path(a.out), a.scenes, a.seed, a.timeout, a.namespace)
 
 
 if __name__ == "__main__":

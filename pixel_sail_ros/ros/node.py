@@ -323,7 +323,10 @@ class PixelSailNode(LifecycleNode):
             self.frames_rejected += 1
             self._count_error("image", f"dropped a frame on '{self._image_topic()}': {exc}")
             return
-        self._queue.put_frame(Frame(rgb=rgb, header=msg.header))
+        frame = Frame(rgb=rgb, header=msg.header)
+        # Paired on arrival, not when the worker gets to it: after a slow job the depth buffer has moved on.
+        frame.depth = self._paired_depth(frame)
+        self._queue.put_frame(frame)
 
     def _count_transport_loss(self, info: Any) -> None:
         """Frames the publisher sent that never reached this callback (best-effort reader overwritten or network
@@ -379,7 +382,12 @@ class PixelSailNode(LifecycleNode):
         except ValueError as exc:
             self._count_error("depth", f"dropped a depth frame: {exc}")
             return
-        self._depth.put(stamp_seconds(msg.header), depth)
+        stamp = stamp_seconds(msg.header)
+        self._depth.put(stamp, depth)
+        latest = self._queue.latest_frame()  # a colour frame that arrived before its depth image
+        if (latest is not None and latest.depth is None
+                and abs(stamp_seconds(latest.header) - stamp) <= self.p("depth_tolerance_s")):
+            latest.depth = depth
 
     @guarded
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -461,7 +469,8 @@ class PixelSailNode(LifecycleNode):
     def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:
         """Run the model on one frame and publish every output; returns the SegmentationResult."""
         out = self._infer(frame.rgb, text, points, boxes, describe)
-        positions, num_points, clouds = self._lift_3d(frame, out.masks)
+        depth = frame.depth if frame.depth is not None else self._paired_depth(frame)  # it may have come late
+        positions, num_points, clouds = self._lift_3d(frame, depth, out.masks)
         result = conversions.build_segmentation_result(
             header=frame.header, prompt=text, points=points, description=out.description,
             masks=out.masks, scores=out.scores, labels=out.labels, positions=positions,
@@ -473,15 +482,21 @@ class PixelSailNode(LifecycleNode):
         self._engine_time.add(out.seconds)
         return result
 
-    def _lift_3d(self, frame: Frame, masks: np.ndarray) -> tuple[Optional[list], Optional[list], Optional[np.ndarray]]:
+    def _paired_depth(self, frame: Frame) -> Optional[np.ndarray]:
+        """The depth image (metres) whose stamp is closest to the frame's, within depth_tolerance_s."""
+        if not self.p("use_depth"):
+            return None
+        return self._depth.closest(stamp_seconds(frame.header), self.p("depth_tolerance_s"))
+
+    def _lift_3d(self, frame: Frame, depth: Optional[np.ndarray],
+                 masks: np.ndarray) -> tuple[Optional[list], Optional[list], Optional[np.ndarray]]:
         """3D centroid and valid-depth count per mask, and the masked points, from the depth paired by stamp."""
         if not self.p("use_depth") or len(masks) == 0:
             return None, None, None
         info = self._camera_info
-        depth = self._depth.closest(stamp_seconds(frame.header), self.p("depth_tolerance_s"))
         h, w = frame.rgb.shape[:2]
         if info is None or depth is None:
-            missing = "camera_info" if info is None else f"a depth frame within {self.p('depth_tolerance_s')} s"
+            missing = "camera_info" if info is None else f"depth image within {self.p('depth_tolerance_s')} s"
             self._throttle.log("warn", "depth-missing", f"no {missing} for the frame at {stamp_seconds(frame.header):.3f}: 3D skipped")
             return None, None, None
         if depth.shape != (h, w):

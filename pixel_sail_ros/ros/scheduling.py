@@ -25,6 +25,7 @@ class Frame:
     rgb: np.ndarray
     header: Any
     received: float = field(default_factory=time.monotonic)
+    depth: Optional[np.ndarray] = None  # paired on arrival (metres), so a busy worker never finds it evicted
 
 
 @dataclass

@@ -175,6 +175,8 @@ def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Cl
         pub_img.publish(img)
         sent[1000 + i] = i
 
+    # the prompt is published once and not latched: it must not go out before the node's subscription matched
+    assert client.spin_until(lambda: pub_prompt.get_subscription_count() > 0 and pub_img.get_subscription_count() > 0, 20)
     i = 0
     end = time.monotonic() + 60
     while time.monotonic() < end and not (got["seg"] and got["cloud"] and got["debug"] and got["markers"]):
@@ -206,6 +208,43 @@ def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Cl
         if quality_model:
             assert iou(pred, frame.masks[expr.target]) >= 0.5
             assert obj.position.z == pytest.approx(float(np.median(frame.depth_m[frame.masks[expr.target]])), abs=0.15)
+
+
+def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_the_buffer(
+        client: Client, node: NodeProcess, segment) -> None:
+    """Depth is paired when it arrives: a frame whose depth came late, followed by many newer depth images (as
+    while the worker is busy with a slow job), still gets its own depth, not none and not a newer one."""
+    n = client.node
+    frame = render_frame(SEED, 5, 320, 240)
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+    assert client.spin_until(lambda: pub_img.get_subscription_count() and pub_depth.get_subscription_count(), 10)
+    img = image_msg(frame.rgb, 2000)
+    info = CameraInfo(width=320, height=240, k=frame.K.reshape(-1).tolist())
+    info.header = img.header
+    pub_info.publish(info)
+    pub_img.publish(img)
+    client.spin_until(lambda: False, 0.3)
+    pub_depth.publish(numpy_to_image(frame.depth_m, "32FC1", img.header))  # the depth comes after its frame
+    for k in range(40):  # far more newer depth images than the node buffers, 2x farther away
+        later = image_msg(frame.rgb, 3000 + k).header
+        pub_depth.publish(numpy_to_image(2 * frame.depth_m, "32FC1", later))
+        client.spin_until(lambda: False, 0.02)
+    client.spin_until(lambda: False, 0.5)
+    target = int(np.argmax([m.sum() for m in frame.masks]))
+    ys, xs = np.nonzero(frame.masks[target])
+    roi = RegionOfInterest(x_offset=int(xs.min()), y_offset=int(ys.min()), 
+                         width=int(np.ptp(xs) + 1), height=int(np.ptp(ys) + 1))
+    resp = segment(Segment.Request(boxes=[roi]))  # no image: the latest frame, the one with the late depth
+    assert resp.success, resp.message
+    assert resp.result.header.stamp.sec == 2000
+    obj = resp.result.objects[0]
+    pred = mono8_mask(obj.mask)
+    assert pred.sum() >= BY_NAME["min_depth_points"].default, "the model gave no mask for a box on the largest object"
+    assert obj.has_position, "the late depth image was not paired with its frame\n" + node.output[-2000:]
+    expected = mask_centroid_3d(frame.depth_m, frame.K, pred, min_points=BY_NAME["min_depth_points"].default)
+    assert np.allclose([obj.position.x, obj.position.y, obj.position.z], expected, atol=1e-3)
 
 
 def test_click_topic_and_bad_topic_input_are_logged_not_fatal(client: Client, node: NodeProcess, segment) -> None:
