@@ -68,7 +68,8 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
     """FLOPs of the mask decoder's per-pixel features (pre-projector, upsample blocks, feature projector).
 
     Each upsample block: 2×2 stride-2 transposed conv (C→C), depthwise 3×3 and pointwise 1×1 at the doubled
-    resolution. Computed once per frame inside ``prefill``, so it belongs to the prefix time.
+    resolution. Computed once per frame, lazily on the first [SEG] of an answer (``PixelSailPrefix.pixel_features``),
+    so it belongs to the answer time, not to the prefix.
     """
     h = config.text_config.hidden_size
     c = config.vision_feature_dim
@@ -83,11 +84,11 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
 
 
 def prefill_flops(config: Any, grid_hw: Sequence[int]) -> dict[str, int]:
-    """All the matmul work of ``model.prefill`` for one image: prefix, pixel decoder, one LM-head row."""
+    """All the matmul work of ``model.prefill`` for one image: the prefix and one LM-head row (the pixel decoder
+    runs later, only for answers with a [SEG]: see ``pixel_decoder_flops``)."""
     patches = int(grid_hw[0]) * int(grid_hw[1])
     parts = {
         "prefix": prefix_flops(config, patches + 2, patches),
-        "pixel_decoder": pixel_decoder_flops(config, grid_hw),
         "lm_head": 2 * config.text_config.hidden_size * config.text_config.vocab_size,  # logits_to_keep=1
     }
     parts["total"] = sum(parts.values())

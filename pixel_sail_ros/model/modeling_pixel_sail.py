@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,12 +47,33 @@ class PixelSailOutput(ModelOutput):
 
 @dataclass
 class PixelSailPrefix:
-    """An image prefix (<vision>…</vision>) computed once: its KV cache and per-pixel features."""
+    """An image prefix (<vision>…</vision>) computed once: its KV cache and last-layer patch states.
+
+    The per-pixel features are decoded from the patch states on first use and kept: an answer without a
+    [SEG] ("No target.", a description) never pays for the upsampler, which costs a large share of a
+    small model's prefill.
+    """
 
     past_key_values: DynamicCache
-    pixel_features: torch.Tensor  # (D_seg, H/s, W/s)
+    vision_tokens: torch.Tensor  # (h, w, hidden) last-layer states of the <vpatch> tokens
     length: int  # tokens in the cache
     next_position: int  # first position id after </vision> (all three axes)
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    _pixel_features: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def pixel_features(self) -> torch.Tensor:
+        """(D_seg, H/s, W/s) per-pixel features, decoded on first access."""
+        if self._pixel_features is None:
+            if self.decoder is None:
+                raise ValueError("this prefix has no pixel decoder to compute its features with")
+            with torch.no_grad():
+                self._pixel_features = self.decoder(self.vision_tokens.unsqueeze(0))[0]
+        return self._pixel_features
+
+    @property
+    def pixel_features_decoded(self) -> bool:
+        return self._pixel_features is not None
 
 
 @dataclass
@@ -397,15 +418,22 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=True,
+            output_mask_logits=False,  # the pixel decoder runs lazily, on the first [SEG] (PixelSailPrefix)
             logits_to_keep=1,
         )
-        if out.pixel_features[0] is None:
+        is_patch = input_ids[0] == self.config.vision_patch_token_id
+        h, w = (int(v) for v in image_grid_hw[0])
+        count = int(is_patch.sum())
+        if count == 0:
             raise ValueError("the prefix holds no <vpatch> tokens")
+        if count != h * w:
+            raise ValueError(f"the prefix has {count} <vpatch> tokens but image_grid_hw says {h}×{w}")
         return PixelSailPrefix(
             past_key_values=out.past_key_values,
-            pixel_features=out.pixel_features[0],
+            vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
             length=input_ids.shape[1],
             next_position=int(position_ids.max()) + 1,
+            decoder=self.decode_pixel_features,
         )
 
     @torch.no_grad()
@@ -425,7 +453,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         from ``prefix.next_position`` on all three axes; each [SEG] of the answer is embedded from the hidden
         state of the step that reads it. ``step_logits`` are the logits of each free (not forced) choice.
         """
-        device = prefix.pixel_features.device
+        device = prefix.vision_tokens.device
         if stop_token_ids is None:
             stop_token_ids = (self.config.eos_token_id, self.config.im_end_token_id)
         stops = set(stop_token_ids)
@@ -472,13 +500,15 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 break
             chunk, answer_start = [next_id], 0
 
-        features = prefix.pixel_features
         if seg_states:
             seg_embeddings = self.seg_token_projector(torch.stack(seg_states))
-            mask_logits = torch.einsum("qc,chw->qhw", seg_embeddings, features)
-        else:
-            seg_embeddings = features.new_zeros(0, features.shape[0])
-            mask_logits = features.new_zeros(0, *features.shape[1:])
+            mask_logits = torch.einsum("qc,chw->qhw", seg_embeddings, prefix.pixel_features)
+        else:  # no [SEG]: the pixel features are not needed, so not computed
+            h, w, _ = prefix.vision_tokens.shape
+            scale = 2 ** self.config.num_upsample_blocks
+            ref = prefix.vision_tokens
+            seg_embeddings = ref.new_zeros(0, self.config.seg_hidden_size)
+            mask_logits = ref.new_zeros(0, h * scale, w * scale)
         return PixelSailAnswer(
             token_ids=tokens,
             seg_embeddings=seg_embeddings,

@@ -63,12 +63,20 @@ def test_prefill_count_equals_torch_flop_counter_on_the_model() -> None:
     processor = PixelSailProcessor.from_config(cfg, build_tiny_tokenizer())
     image = processor.preprocess_image(np.zeros((240, 320, 3), np.uint8))
     with FlopCounterMode(display=False) as counter:
-        model.prefill(**processor.prefix_inputs(image))
+        prefix = model.prefill(**processor.prefix_inputs(image))
     expected = flops.prefill_flops(cfg, image.grid_hw)
     assert counter.get_total_flops() == expected["total"]
     per_module = counter.get_flop_counts()
     decoder = sum(per_module["PixelSailForConditionalGeneration.model"].values())
     assert decoder == flops.decoder_flops(cfg, image.grid_hw[0] * image.grid_hw[1] + 2)
+    # the pixel decoder is not part of the prefill: it runs once, when the features are first needed
+    assert not prefix.pixel_features_decoded
+    with FlopCounterMode(display=False) as counter:
+        first = prefix.pixel_features
+    assert counter.get_total_flops() == flops.pixel_decoder_flops(cfg, image.grid_hw)
+    with FlopCounterMode(display=False) as counter:
+        assert prefix.pixel_features is first
+    assert counter.get_total_flops() == 0
 
 
 def test_decode_step_grows_with_context_and_includes_the_lm_head() -> None:

@@ -149,6 +149,12 @@ def test_generation_stops_and_respects_max_new_tokens(model, processor, image_fa
     assert len(limited.token_ids) <= 3
     forced_stop = model.generate_answer(prefix, question, max_new_tokens=5, stop_token_ids=list(range(model.config.text_config.vocab_size)))
     assert forced_stop.token_ids == [] and forced_stop.stopped and forced_stop.mask_logits.shape[0] == 0
+    # no [SEG] in the answer: the pixel decoder never ran, yet the empty masks have the feature map's size
+    assert not prefix.pixel_features_decoded
+    forced = processor.tokenizer.encode("It is [SEG]", add_special_tokens=False)
+    with_seg = model.generate_answer(prefix, question, max_new_tokens=0, answer_prefix_ids=forced)
+    assert prefix.pixel_features_decoded and with_seg.mask_logits.shape[0] == 1
+    assert forced_stop.mask_logits.shape[1:] == with_seg.mask_logits.shape[1:] == prefix.pixel_features.shape[1:]
 
 
 def test_independent_turns_equal_single_turn_samples(model, processor, image_factory):
