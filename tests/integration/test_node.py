@@ -256,7 +256,7 @@ def test_click_topic_and_bad_topic_input_are_logged_not_fatal(client: Client, no
     descriptions: list[String] = []
     n.create_subscription(SegmentationResult, "segmentation", results.append, 10)
     n.create_subscription(String, "description", descriptions.append, 10)
-    client.spin_until(lambda: False, 0.5)
+    assert client.spin_until(lambda: all(p.get_subscription_count() > 0 for p in (pub_img, pub_click, pub_prompt)), 20)
     # garbage on the image topic: wrong encoding, truncated data, empty image
     bad = [Image(height=8, width=8, encoding="nonsense", step=24, data=bytes(192)),
            Image(height=8, width=8, encoding="rgb8", step=24, data=bytes(100)),
