@@ -75,6 +75,8 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
     c = config.vision_feature_dim
     pixels = int(grid_hw[0]) * int(grid_hw[1])
     total = 2 * pixels * (h * h + h * c) if h > c else 0
+    if not config.use_upsampler:  # the ablation baseline: projected per patch, then interpolated (no matmul)
+        return total + 2 * pixels * (c * c + c * config.seg_hidden_size)
     for _ in range(config.num_upsample_blocks):
         total += 2 * pixels * c * c * 4  # transposed conv: every input pixel feeds a 2×2 output block
         pixels *= 4

@@ -113,6 +113,11 @@ class PixelSailConfig(PreTrainedConfig):
             the paper text 4.
         projector_max_dim: vision features wider than this go through `image_feature_pre_projector` first
             (1024 in the authors' code: 0.5B has none, 3B/7B have one).
+        use_upsampler: False = the ablation baseline without learnable upsampling: per-patch features are
+            projected and bilinearly interpolated to the mask resolution.
+        visual_prompt_injection: False = the ablation baseline for visual prompts: instead of adding
+            `vp_embed(E(<Prompt k>))` to the covered patches, the mean embedding of those patches is added
+            to the `<Prompt k>` tokens of the text.
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -132,6 +137,8 @@ class PixelSailConfig(PreTrainedConfig):
     seg_hidden_size: int = 512
     mask_output_stride: int = 2
     projector_max_dim: int = 1024
+    use_upsampler: bool = True
+    visual_prompt_injection: bool = True
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None

@@ -43,6 +43,7 @@ class PixelSailOutput(ModelOutput):
     distill_pixel: list[torch.Tensor | None] | None = None
     distill_token: list[torch.Tensor | None] | None = None
     past_key_values: Cache | None = None
+    visual_prompt_features: torch.Tensor | None = None  # (B, K, hidden), pooled prompts (no-injection baseline)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class PixelSailPrefix:
     length: int  # tokens in the cache
     next_position: int  # first position id after </vision> (all three axes)
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    visual_prompt_features: torch.Tensor | None = None  # (1, K, hidden), only without visual prompt injection
     _pixel_features: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -162,11 +164,12 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
 
         self.model = Qwen2_5_VLTextModel(text)
         self.vis_embed = nn.Linear(patch_dim, hidden, bias=False)
-        self.vp_embed = nn.Linear(hidden, hidden, bias=False)
+        self.vp_embed = nn.Linear(hidden, hidden, bias=False) if config.visual_prompt_injection else None
         self.lm_head = nn.Linear(hidden, text.vocab_size, bias=False)
 
         self.image_feature_pre_projector = _mlp(hidden, hidden, in_dim) if hidden > in_dim else None
-        self.upsample_blocks = nn.Sequential(*[_upsample_block(in_dim) for _ in range(config.num_upsample_blocks)])
+        blocks = config.num_upsample_blocks if config.use_upsampler else 0
+        self.upsample_blocks = nn.Sequential(*[_upsample_block(in_dim) for _ in range(blocks)])
         self.image_feature_projector = _mlp(in_dim, in_dim, config.seg_hidden_size)
         self.seg_token_projector = _mlp(hidden, in_dim, config.seg_hidden_size)
 
@@ -249,18 +252,34 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             rows = torch.arange(pixel_values.shape[1], device=input_ids.device)[None, :] < n_patches[:, None]
             patches = self.vis_embed(pixel_values[rows].to(embeds.dtype))
             embeds = embeds.index_put(torch.nonzero(is_patch, as_tuple=True), patches, accumulate=True)
-        if visual_prompt_ids is not None:
+        if visual_prompt_ids is not None and self.vp_embed is not None:
             has_prompt = visual_prompt_ids >= 0
             if bool(has_prompt.any()):
                 k = visual_prompt_ids[has_prompt]
                 if int(k.max()) >= self.config.num_visual_prompts:
                     raise ValueError(f"visual prompt index {int(k.max())} >= {self.config.num_visual_prompts}")
-                prompt_ids = torch.tensor(
-                    self.config.prompt_token_ids[: self.config.num_visual_prompts], device=input_ids.device
-                )
-                table = self.vp_embed(self.model.embed_tokens(prompt_ids))
+                table = self.vp_embed(self.model.embed_tokens(self._prompt_token_tensor(input_ids.device)))
                 embeds = embeds.index_put(torch.nonzero(has_prompt, as_tuple=True), table[k], accumulate=True)
         return embeds
+
+    def _prompt_token_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.config.prompt_token_ids[: self.config.num_visual_prompts], device=device)
+
+    def pool_visual_prompts(self, embeds: torch.Tensor, visual_prompt_ids: torch.Tensor) -> torch.Tensor:
+        """(B, K, hidden): the mean input embedding of the patches each prompt k covers (zeros if none).
+
+        The ablation baseline's prompt representation (``visual_prompt_injection=False``)."""
+        k = self.config.num_visual_prompts
+        if int(visual_prompt_ids.max()) >= k:
+            raise ValueError(f"visual prompt index {int(visual_prompt_ids.max())} >= {k}")
+        covered = (visual_prompt_ids.unsqueeze(-1) == torch.arange(k, device=embeds.device)).to(embeds.dtype)
+        sums = torch.einsum("blk,blc->bkc", covered, embeds)
+        return sums / covered.sum(dim=1).clamp(min=1).unsqueeze(-1)
+
+    def place_visual_prompts(self, embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Add pooled prompt k's features to every ``<Prompt k>`` token of the text."""
+        is_prompt = (input_ids.unsqueeze(-1) == self._prompt_token_tensor(input_ids.device)).to(embeds.dtype)
+        return embeds + torch.einsum("blk,bkc->blc", is_prompt, features.to(embeds.dtype))
 
     def _backend_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The boolean 4-D mask in the form the decoder's attention back-end needs."""
@@ -280,7 +299,11 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if self.image_feature_pre_projector is not None:
             x = self.image_feature_pre_projector(x)
         x = self.upsample_blocks(x.permute(0, 3, 1, 2))
-        return self.image_feature_projector(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.image_feature_projector(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if not self.config.use_upsampler:  # the baseline: per-patch features, interpolated
+            scale = 2**self.config.num_upsample_blocks
+            x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return x
 
     def _image_outputs(
         self, hidden: torch.Tensor, is_patch: torch.Tensor, image_grid_hw: torch.Tensor | None
@@ -323,6 +346,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         use_cache: bool = False,
         output_mask_logits: bool = True,
         logits_to_keep: int = 0,
+        visual_prompt_features: torch.Tensor | None = None,
     ) -> PixelSailOutput:
         """One pass of the single transformer (contract: docs/DEVELOPING.md "Model forward").
 
@@ -337,6 +361,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             output_mask_logits: also run the mask decoder (pixel features, [SEG] embeddings, mask logits,
                 distillation features).
             logits_to_keep: compute LM logits for the last n positions only (0 = all).
+            visual_prompt_features: (B, K, hidden) pooled prompts from an earlier prefix, added at the
+                ``<Prompt k>`` tokens (only models with ``visual_prompt_injection=False``).
         """
         batch, length = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -358,6 +384,10 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             )
 
         embeds = self.embed_inputs(input_ids, pixel_values, visual_prompt_ids)
+        if not self.config.visual_prompt_injection and visual_prompt_ids is not None:
+            visual_prompt_features = self.pool_visual_prompts(embeds, visual_prompt_ids)
+        if visual_prompt_features is not None:
+            embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
         decoded = self.model(
             inputs_embeds=embeds,
             attention_mask=self._backend_mask(attention_mask, embeds.dtype),
@@ -372,6 +402,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             logits=logits,
             last_hidden_state=hidden,
             past_key_values=decoded.past_key_values if use_cache else None,
+            visual_prompt_features=visual_prompt_features,
         )
         if not output_mask_logits:
             return output
@@ -434,6 +465,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             length=input_ids.shape[1],
             next_position=int(position_ids.max()) + 1,
             decoder=self.decode_pixel_features,
+            visual_prompt_features=out.visual_prompt_features,
         )
 
     @torch.no_grad()
@@ -479,6 +511,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 use_cache=True,
                 output_mask_logits=False,
                 logits_to_keep=1,
+                visual_prompt_features=prefix.visual_prompt_features,
             )
             past, position = past + q, position + q
             seg_states += [out.last_hidden_state[0, i] for i in range(answer_start, q) if chunk[i] == seg_id]
