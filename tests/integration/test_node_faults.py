@@ -69,7 +69,7 @@ def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -
             return real(*args, **kwargs)
 
         before = node.errors
-        node._on_image(object())  # not an Image at all: counted and logged, never raised into the executor
+        node._on_image(object(), object())  # not an Image (nor message info): counted and logged, never raised
         node._on_depth(b"garbage")
         assert node.errors == before + 2
         node._engine.segment = fail_once
