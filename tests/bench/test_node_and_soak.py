@@ -63,7 +63,7 @@ def test_soak_30_seconds(bench_model_dir: str) -> None:
     assert (soak["answered"] + soak["dropped"] + soak["frames_rejected"] + soak["frames_lost_in_transport"]
             == soak["good_frames_sent"] + soak["garbage_frames_sent"])
     # the shipped profile carries most frames (without it, over UDP, most 640x480 frames were lost); a loaded
-    # 2-core machine still loses a few per cent (6.8 % in the 10-minute soak), all counted
+    # 2-core machine still loses a few per cent (492 of 9000 frames in the 10-minute soak), all counted
     assert soak["frames_lost_in_transport"] <= 0.25 * soak["good_frames_sent"]
     # each rejected frame / bad click counted once as an error, nothing else failed
     assert soak["errors"] == soak["frames_rejected"] + soak["bad_clicks_sent"]
