@@ -29,6 +29,10 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
     ("vp_injection", "+ visual-prompt injection", {}, False),
     ("distillation", "+ distillation (SegFormer expert on ShapesRef)", {}, True),
 )
+#: The from-scratch recipe of the bundled model's stage 1 (its model card), shared by every variant. Arguments
+#: after the ablation's own (``-- --lr 5e-4`` …) are passed to ``pixel-sail-train`` after these and win.
+RECIPE: tuple[str, ...] = ("--lr", "1e-3", "--warmup-steps", "60", "--min-lr-ratio", "0.05", "--aux-weight", "0.5",
+                           "--curriculum-steps", "150", "--num-points", "2048")
 COLUMNS = (("ciou", "cIoU"), ("giou", "gIoU"), ("description_accuracy", "description acc."),
            ("no_target_accuracy", "no-target acc."), ("click_ciou", "click cIoU"))
 
@@ -44,6 +48,8 @@ def _run(cmd: list[str], log_path: Path) -> None:
 def run_ablation(output_dir: str | Path, steps: int, teacher_steps: int, eval_samples: int, batch_size: int = 4,
                  turns_per_image: int = 16, seed: int = 1, threads: int = 0, train_args: list[str] | None = None,
                  only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train and score each variant; a variant whose eval is already on disk with the same budget is reused,
+    so an interrupted ablation resumes at the next variant. The JSON and table are rewritten after each one."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m"]
@@ -54,10 +60,17 @@ def run_ablation(output_dir: str | Path, steps: int, teacher_steps: int, eval_sa
         if only and key not in only:
             continue
         run_dir = out / key
+        eval_path = run_dir / "eval_shapesref.json"
+        done = out / f"{key}.row.json"
+        if done.is_file() and eval_path.is_file():
+            row = json.loads(done.read_text(encoding="utf-8"))
+            if row.get("steps") == steps and row.get("num_samples") == eval_samples:
+                rows.append(row)
+                continue
         cmd = py + ["pixel_sail_ros.training.train", "--preset", "tiny", "--data", "shapesref", "--seed", str(seed),
                     "--max-steps", str(steps), "--batch-size", str(batch_size), "--turns-per-image", str(turns_per_image),
                     "--model-overrides", json.dumps(overrides), "--eval-every", "0", "--save-every", "0",
-                    "--no-progress", "--output-dir", str(run_dir), *thread_args, *(train_args or [])]
+                    "--no-progress", "--output-dir", str(run_dir), *thread_args, *RECIPE, *(train_args or [])]
         if distil:
             if not (teacher_dir / "model.safetensors").is_file():
                 _run(py + ["pixel_sail_ros.training.teacher", "--steps", str(teacher_steps), "--seed", str(seed),
@@ -66,7 +79,6 @@ def run_ablation(output_dir: str | Path, steps: int, teacher_steps: int, eval_sa
         t0 = time.time()
         _run(cmd, out / f"{key}.train.log")
         train_s = time.time() - t0
-        eval_path = run_dir / "eval_shapesref.json"
         _run(py + ["pixel_sail_ros.training.evaluate", "--model", str(run_dir), "--data", "shapesref",
                    "--num-samples", str(eval_samples), "--seed", str(EVAL_SEED), "--device", "cpu",
                    "--output", str(eval_path), *thread_args], out / f"{key}.eval.log")
@@ -74,11 +86,19 @@ def run_ablation(output_dir: str | Path, steps: int, teacher_steps: int, eval_sa
         rows.append({"variant": key, "label": label, "model_overrides": overrides, "distillation": distil,
                      "steps": steps, "train_seconds": round(train_s, 1),
                      **{k: metrics.get(k) for k, _ in COLUMNS}, "num_samples": metrics.get("num_samples")})
+        done.write_text(json.dumps(rows[-1], indent=2) + "\n", encoding="utf-8")
+        _write_record(out, rows, steps, batch_size, turns_per_image, seed, eval_samples, teacher_steps, train_args)
+    _write_record(out, rows, steps, batch_size, turns_per_image, seed, eval_samples, teacher_steps, train_args)
+    return rows
+
+
+def _write_record(out: Path, rows: list[dict[str, Any]], steps: int, batch_size: int, turns_per_image: int,
+                  seed: int, eval_samples: int, teacher_steps: int, train_args: list[str] | None) -> None:
     record = {"steps": steps, "batch_size": batch_size, "turns_per_image": turns_per_image, "seed": seed,
-              "eval_samples": eval_samples, "eval_seed": EVAL_SEED, "teacher_steps": teacher_steps, "rows": rows}
+              "eval_samples": eval_samples, "eval_seed": EVAL_SEED, "teacher_steps": teacher_steps,
+              "train_args": [*RECIPE, *(train_args or [])], "rows": rows}
     (out / "ablation.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     (out / "ablation.md").write_text(markdown_table(rows), encoding="utf-8")
-    return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

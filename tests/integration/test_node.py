@@ -67,6 +67,31 @@ def segment(client: Client):
     return lambda req, timeout=60.0: client.call(cli, req, timeout)
 
 
+@pytest.fixture(scope="module")
+def reference(model_dir: str):
+    """The same checkpoint in this process: what the model itself answers, to hold the node's answers to."""
+    from pixel_sail_ros.engine import PixelSailEngine
+
+    engine = PixelSailEngine.from_pretrained(model_dir, device="cpu")
+    yield engine
+    engine.close()
+
+
+def assert_same_answer(res, ref, shape: tuple[int, int]) -> None:
+    """The node published exactly what the model answered: same objects in order, labels, masks, scores.
+
+    Masks may differ in a few pixels at the threshold (the node runs its own torch threads), nothing more.
+    """
+    assert [o.label for o in res.objects] == ref.labels, (res.objects, ref.answers)
+    assert res.description == ref.description
+    for obj, mask, score in zip(res.objects, ref.masks, ref.scores):
+        node_mask = mono8_mask(obj.mask)
+        assert node_mask.shape == shape == mask.shape
+        if mask.any() or node_mask.any():
+            assert iou(node_mask, mask) >= 0.98, f"{obj.label!r}: node mask IoU vs the model's {iou(node_mask, mask):.3f}"
+        assert abs(obj.score - float(score)) <= 0.02
+
+
 def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
     msg = numpy_to_image(rgb, "rgb8")
     msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id
@@ -78,7 +103,7 @@ def present_expressions(frame, k: int, rng: np.random.Generator):
     return [e for e in exprs if e.target is not None][:k], [e for e in exprs if e.target is None][:k]
 
 
-def test_service_segments_referring_expressions(segment, quality_model: bool) -> None:
+def test_service_segments_referring_expressions(segment, reference, quality_model: bool) -> None:
     ious, absent_ok, absent_n = [], 0, 0
     for index in range(4):
         frame = render_frame(SEED, index)
@@ -87,6 +112,7 @@ def test_service_segments_referring_expressions(segment, quality_model: bool) ->
             resp = segment(Segment.Request(image=image_msg(frame.rgb, 100 + index), text=expr.text))
             assert resp.success, resp.message
             res = resp.result
+            assert_same_answer(res, reference.segment(frame.rgb, text=expr.text), frame.rgb.shape[:2])
             assert (res.header.stamp.sec, res.header.stamp.nanosec, res.header.frame_id) == (100 + index, 5, "camera_optical")
             assert res.prompt == expr.text and res.inference_seconds > 0
             for obj in res.objects:
@@ -108,7 +134,7 @@ def test_service_segments_referring_expressions(segment, quality_model: bool) ->
         assert absent_ok >= absent_n - 1, f"{absent_ok}/{absent_n} absent targets answered with no mask"
 
 
-def test_service_click_describes_the_object(segment, quality_model: bool) -> None:
+def test_service_click_describes_the_object(segment, reference, quality_model: bool) -> None:
     frame = render_frame(SEED, 7)
     target = int(np.argmax([m.sum() for m in frame.masks]))
     x, y = shapesref.click_point(frame.masks[target], np.random.default_rng(0))
@@ -116,6 +142,7 @@ def test_service_click_describes_the_object(segment, quality_model: bool) -> Non
     assert resp.success, resp.message
     assert [(p.x, p.y) for p in resp.result.points] == [(float(x), float(y))]
     assert resp.result.description.strip(), "describe=True gave no description"
+    assert_same_answer(resp.result, reference.segment(frame.rgb, points=[(x, y)], describe=True), frame.rgb.shape[:2])
     if quality_model:
         obj = frame.scene.objects[target]
         words = resp.result.description.split()

@@ -45,4 +45,13 @@ def test_ablation_runs_every_variant_with_its_own_switches(tmp_path) -> None:
     assert "loss_distill_pixel" not in (tmp_path / "vp_injection" / "metrics.jsonl").read_text()
     table = (tmp_path / "ablation.md").read_text()
     assert len(re.findall(r"^\| [+p]", table, re.M)) == 4
-    assert json.loads((tmp_path / "ablation.json").read_text())["rows"] == rows
+    record = json.loads((tmp_path / "ablation.json").read_text())
+    assert record["rows"] == rows and record["train_args"][: len(ablation.RECIPE)] == list(ablation.RECIPE)
+    assert json.loads((tmp_path / "baseline" / "training_args.json").read_text())["lr"] == 1e-3  # the recipe arrived
+
+    # interrupted and restarted: finished variants are reused, not retrained
+    logs = {r["variant"]: (tmp_path / f"{r['variant']}.train.log").stat().st_mtime_ns for r in rows}
+    again = ablation.run_ablation(tmp_path, steps=2, teacher_steps=3, eval_samples=6, batch_size=1, turns_per_image=2,
+                                  threads=1)
+    assert again == rows
+    assert logs == {r["variant"]: (tmp_path / f"{r['variant']}.train.log").stat().st_mtime_ns for r in rows}
