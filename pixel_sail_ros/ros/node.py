@@ -588,6 +588,7 @@ class PixelSailNode(LifecycleNode):
             "frames_dropped": self._queue.frames.dropped,
             "frames_rejected": self.frames_rejected,
             "frames_lost_in_transport": self._transport_gaps.lost,
+            "transport_loss_counted": _COUNTED[self._transport_gaps.supported],
             "clicks_rejected": self._queue.clicks_rejected,
             "output_rate_hz": round(self._latency.rate_hz(), 3),
             "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),
@@ -600,6 +601,11 @@ class PixelSailNode(LifecycleNode):
         arr.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(arr)
         self._last_error = ""
+
+
+#: Whether frames_lost_in_transport means anything: an rmw without publication sequence numbers leaves it at 0.
+_COUNTED = {None: "not yet (no frame received)", True: "yes",
+            False: "no: the rmw gives no publication sequence numbers, losses are not seen"}
 
 
 def main(args: Optional[list[str]] = None) -> int:
