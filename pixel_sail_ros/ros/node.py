@@ -415,6 +415,7 @@ class PixelSailNode(LifecycleNode):
 
     def _work_loop(self) -> None:
         while not self._queue.stopped:
+            self._queue.frame_wait = self.p("frame_wait_ms") / 1000.0
             job = self._queue.next_job(timeout=0.5)
             if job is None:
                 continue

@@ -120,3 +120,65 @@ def test_sequence_gaps_restart_unsupported_and_reset() -> None:
     none = SequenceGaps()
     assert none.observe(None, None) == 0 and none.observe(b"p", 0) == 0
     assert none.lost == 0 and none.supported is False
+
+
+def _camera(q: WorkQueue, period: float, last_age: float) -> Frame:
+    """Frames every ``period`` s so far, the newest received ``last_age`` s ago; returns the newest."""
+    now = time.monotonic()
+    frames = [Frame(rgb=np.zeros((2, 2, 3), np.uint8), header=k, received=now - last_age - (3 - k) * period)
+              for k in range(4)]
+    for f in frames:
+        q.put_frame(f)
+    return frames[-1]
+
+
+def _waiting_queue(frame_wait: float) -> WorkQueue:
+    q = WorkQueue()
+    q.frame_wait = frame_wait
+    q.set_prompt_active(True)
+    return q
+
+
+def test_a_stale_frame_waits_for_the_next_one_due_soon() -> None:
+    q = _waiting_queue(0.2)
+    _camera(q, period=0.1, last_age=0.07)  # older than half a period; the next is due in ~0.03-0.05 s
+    assert q.camera_period() is not None and abs(q.camera_period() - 0.1) < 1e-6
+    timer = threading.Timer(0.02, q.put_frame, args=(Frame(rgb=np.zeros((2, 2, 3), np.uint8), header="next"),))
+    timer.start()
+    start = time.monotonic()
+    job = q.next_job(timeout=1.0)
+    assert isinstance(job, Frame) and job.header == "next"
+    assert time.monotonic() - start >= 0.015
+    assert q.frames.dropped == 3 + 1  # the three older ones, and the stale one the worker did not start on
+
+
+def test_a_stale_frame_is_taken_once_its_successor_is_overdue() -> None:
+    q = _waiting_queue(0.2)
+    newest = _camera(q, period=0.1, last_age=0.07)
+    start = time.monotonic()
+    job = q.next_job(timeout=1.0)  # the camera stopped: wait until 1.2 periods after the newest, no longer
+    waited = time.monotonic() - start
+    assert job is newest and 0.03 <= waited < 0.3
+
+
+def test_no_wait_for_a_young_frame_a_distant_successor_or_when_off() -> None:
+    for frame_wait, last_age, period in ((0.2, 0.02, 0.1),   # younger than half a period
+                                         (0.01, 0.06, 0.1),  # next one due later than frame_wait from now
+                                         (0.0, 0.07, 0.1),   # waiting switched off
+                                         (0.2, 0.5, 0.1)):   # long overdue (the camera stalled)
+        q = _waiting_queue(frame_wait)
+        newest = _camera(q, period, last_age)
+        start = time.monotonic()
+        assert q.next_job(timeout=1.0) is newest
+        assert time.monotonic() - start < 0.01, (frame_wait, last_age, period)
+
+
+def test_a_click_during_the_wait_goes_first() -> None:
+    q = _waiting_queue(0.5)
+    newest = _camera(q, period=0.4, last_age=0.3)  # the next frame is due in ~0.18 s
+    click = ClickRequest(1.0, 2.0, newest)
+    threading.Timer(0.02, q.put_click, args=(click,)).start()
+    start = time.monotonic()
+    assert q.next_job(timeout=1.0) is click
+    assert time.monotonic() - start < 0.15
+    assert q.next_job(timeout=1.0) is newest  # still waiting out its successor's due time, then taken
