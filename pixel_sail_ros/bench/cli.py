@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="shm16", choices=("shm16", "default"),
                    help="node/soak suites: shm16 (default) gives Fast DDS a 16 MB shared-memory segment so camera "
                         "frames fit; 'default' keeps Fast DDS's 512 KB one, which loses most 640x480 best-effort frames")
+    p.add_argument("--frame-wait-ms", type=float, default=None,
+                   help="node suite: the node's frame_wait_ms parameter (default: the node's default)")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return p
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
-                                     seconds=seconds, quick=args.quick)
+                                     seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms)
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

@@ -24,12 +24,13 @@ NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "ec
 @pytest.mark.timeout(240)
 def test_node_suite_short(bench_model_dir: str) -> None:
     code, doc, err = run_bench("--suite", "node", "--json", "--quick", "--seconds", "10", "--device", "cpu",
-                               "--model-path", bench_model_dir, timeout=200)
+                               "--model-path", bench_model_dir, "--frame-wait-ms", "15", timeout=200)
     assert code == 0, err[-3000:]
     node = doc["node"]
     missing = [k for k in NODE_KEYS if k not in node]
     assert not missing, missing
     assert node["frames_sent"] >= 300 and node["stream_frames"] == 300  # 10 s at 30 Hz
+    assert node["frame_wait_ms"] == 15.0  # the setting is reported with the figures
     assert node["results"] > 0 and node["results_measured"] > 0
     assert node["results_for_unknown_frames"] == 0  # every result carries a header this run sent
     # the node's books balance: every frame it received was answered or counted as dropped

@@ -243,8 +243,11 @@ def target_flags(overhead: Optional[float], idle: Optional[float], hop: Optional
 
 
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 30.0,
-        quick: bool = False, echo_seconds: Optional[float] = None) -> dict[str, Any]:
+        quick: bool = False, echo_seconds: Optional[float] = None,
+        frame_wait_ms: Optional[float] = None) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline)."""
+    from pixel_sail_ros.ros.parameters import BY_NAME
+
     import psutil
 
     directory, weights, tmp = resolve_model_dir(model_path)
@@ -257,7 +260,10 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         log.info("echo: one hop p50 %s ms (%d/%d frames back)", echo["echo_ms_p50"], echo["echo_frames_returned"],
                  echo["echo_frames_sent"])
         t0 = time.monotonic()
-        node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype})
+        if frame_wait_ms is None:
+            frame_wait_ms = float(BY_NAME["frame_wait_ms"].default)
+        node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype,
+                                                 "frame_wait_ms": float(frame_wait_ms)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, PROMPT)
@@ -295,6 +301,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "seconds": seconds,
             "warmup_s": warmup_s,
             "prompt": PROMPT,
+            "frame_wait_ms": float(frame_wait_ms),
             **figures,
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
