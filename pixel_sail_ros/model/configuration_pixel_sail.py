@@ -118,6 +118,10 @@ class PixelSailConfig(PreTrainedConfig):
         visual_prompt_injection: False = the ablation baseline for visual prompts: instead of adding
             `vp_embed(E(<Prompt k>))` to the covered patches, the mean embedding of those patches is added
             to the `<Prompt k>` tokens of the text.
+        visual_prompt_pooling: add the mean embedding of a prompt's patches to its `<Prompt k>` tokens.
+            None (default) = exactly when there is no injection (the paper's two designs); True with
+            injection = both, so the question's `<Prompt k>` token points at the region directly (at this
+            project's scale injection alone learned clicks poorly: see the README's ablation).
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -139,6 +143,7 @@ class PixelSailConfig(PreTrainedConfig):
     projector_max_dim: int = 1024
     use_upsampler: bool = True
     visual_prompt_injection: bool = True
+    visual_prompt_pooling: bool | None = None
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None
@@ -188,6 +193,13 @@ class PixelSailConfig(PreTrainedConfig):
             raise ValueError(
                 f"prompt_token_ids has {len(self.prompt_token_ids)} ids for {self.num_visual_prompts} visual prompts"
             )
+
+    @property
+    def pools_visual_prompts(self) -> bool:
+        """Whether prompt k's pooled patch embedding is added to the ``<Prompt k>`` tokens."""
+        if self.visual_prompt_pooling is None:
+            return not self.visual_prompt_injection
+        return bool(self.visual_prompt_pooling)
 
     @property
     def num_upsample_blocks(self) -> int:

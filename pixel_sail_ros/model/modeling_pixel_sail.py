@@ -43,7 +43,7 @@ class PixelSailOutput(ModelOutput):
     distill_pixel: list[torch.Tensor | None] | None = None
     distill_token: list[torch.Tensor | None] | None = None
     past_key_values: Cache | None = None
-    visual_prompt_features: torch.Tensor | None = None  # (B, K, hidden), pooled prompts (no-injection baseline)
+    visual_prompt_features: torch.Tensor | None = None  # (B, K, hidden), pooled prompts (config.pools_visual_prompts)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class PixelSailPrefix:
     length: int  # tokens in the cache
     next_position: int  # first position id after </vision> (all three axes)
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-    visual_prompt_features: torch.Tensor | None = None  # (1, K, hidden), only without visual prompt injection
+    visual_prompt_features: torch.Tensor | None = None  # (1, K, hidden), only when config.pools_visual_prompts
     _pixel_features: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -268,7 +268,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
     def pool_visual_prompts(self, embeds: torch.Tensor, visual_prompt_ids: torch.Tensor) -> torch.Tensor:
         """(B, K, hidden): the mean input embedding of the patches each prompt k covers (zeros if none).
 
-        The ablation baseline's prompt representation (``visual_prompt_injection=False``)."""
+        The ablation baseline's prompt representation (``visual_prompt_injection=False``), or added to
+        injection with ``visual_prompt_pooling=True``. With injection the patch embeddings pooled here already
+        carry the prompt's own marker."""
         k = self.config.num_visual_prompts
         if int(visual_prompt_ids.max()) >= k:
             raise ValueError(f"visual prompt index {int(visual_prompt_ids.max())} >= {k}")
@@ -362,7 +364,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 distillation features).
             logits_to_keep: compute LM logits for the last n positions only (0 = all).
             visual_prompt_features: (B, K, hidden) pooled prompts from an earlier prefix, added at the
-                ``<Prompt k>`` tokens (only models with ``visual_prompt_injection=False``).
+                ``<Prompt k>`` tokens (only models that pool prompts: ``config.pools_visual_prompts``).
         """
         batch, length = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -384,7 +386,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             )
 
         embeds = self.embed_inputs(input_ids, pixel_values, visual_prompt_ids)
-        if not self.config.visual_prompt_injection and visual_prompt_ids is not None:
+        if self.config.pools_visual_prompts and visual_prompt_ids is not None:
             visual_prompt_features = self.pool_visual_prompts(embeds, visual_prompt_ids)
         if visual_prompt_features is not None:
             embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)

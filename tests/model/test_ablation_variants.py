@@ -13,11 +13,17 @@ from pixel_sail_ros.model.processing_pixel_sail import SEG_ANSWER, Turn, vp_seg_
 from .test_modeling import extend_with_answer, run, sample_for
 
 BASELINE = {"use_upsampler": False, "visual_prompt_injection": False}
+HYBRID = {"visual_prompt_pooling": True}  # injection (the default) and pooled prompts at <Prompt k>
 
 
 @pytest.fixture(scope="module")
 def baseline(model_factory) -> PixelSailForConditionalGeneration:
     return model_factory(0, **BASELINE)
+
+
+@pytest.fixture(scope="module")
+def hybrid(model_factory) -> PixelSailForConditionalGeneration:
+    return model_factory(0, **HYBRID)
 
 
 def test_baseline_has_no_upsampler_or_prompt_injection_but_the_same_mask_size(baseline, model, processor, image_factory):
@@ -56,8 +62,10 @@ def test_pooled_prompt_reaches_the_question_not_the_patches(baseline, processor,
     assert (outs[1].mask_logits[0] - outs[2].mask_logits[0]).abs().max() > 1e-4
 
 
-def test_baseline_cached_generation_equals_full_recompute(baseline, processor, image_factory):
+@pytest.mark.parametrize("variant", ["baseline", "hybrid"])
+def test_pooled_prompts_cached_generation_equals_full_recompute(variant, request, processor, image_factory):
     """The pooled prompts travel with the prefix to the question tokens decoded later."""
+    baseline = request.getfixturevalue(variant)
     inputs = processor.preprocess_image(image_factory(80, 112, seed=3))
     prompt_map = processor.visual_prompt_map(inputs.original_hw, inputs.grid_hw, [(20.0, 30.0)])
     question = vp_seg_question(0)
@@ -73,6 +81,26 @@ def test_baseline_cached_generation_equals_full_recompute(baseline, processor, i
     rows = torch.arange(answer.step_logits.shape[0]) + first_answer + len(forced) - 1
     torch.testing.assert_close(answer.step_logits, out.logits[0, rows], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(answer.mask_logits, out.mask_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_injects_into_the_patches_and_pools_into_the_question(hybrid, model, processor, image_factory):
+    assert hybrid.config.pools_visual_prompts and not model.config.pools_visual_prompts
+    assert {n for n, _ in hybrid.named_parameters()} == {n for n, _ in model.named_parameters()}  # no new weights
+    image = image_factory(96, 128, seed=5)
+    turns = [Turn(vp_seg_question(0), SEG_ANSWER)]
+    plain, prompted = (sample_for(processor, image, turns, prompts=p) for p in (None, [(10.0, 10.0)]))
+    is_patch = plain["input_ids"] == hybrid.config.vision_patch_token_id
+    prompt_pos = int((plain["input_ids"] == hybrid.config.prompt_token_ids[0]).nonzero()[0, 0])
+    h_plain, h_prompted = (run(hybrid, processor, [s]) for s in (plain, prompted))
+    assert (h_prompted.last_hidden_state[0, is_patch] - h_plain.last_hidden_state[0, is_patch]).abs().max() > 1e-3
+    assert h_prompted.visual_prompt_features is not None and h_prompted.visual_prompt_features[0, 0].abs().sum() > 0
+    # the same weights without pooling: the <Prompt0> token's input differs by exactly the pooled features
+    with torch.no_grad():
+        embeds = hybrid.embed_inputs(prompted["input_ids"][None], prompted["pixel_values"][None],
+                                     prompted["visual_prompt_ids"][None])
+        pooled = hybrid.pool_visual_prompts(embeds, prompted["visual_prompt_ids"][None])
+        placed = hybrid.place_visual_prompts(embeds, prompted["input_ids"][None], pooled)
+    torch.testing.assert_close(placed[0, prompt_pos] - embeds[0, prompt_pos], pooled[0, 0])
 
 
 def test_baseline_saves_and_loads_with_its_switches(baseline, tmp_path):
