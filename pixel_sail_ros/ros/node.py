@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import rclpy
+import rclpy.subscription
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
@@ -287,8 +288,10 @@ class PixelSailNode(LifecycleNode):
         topic = self._image_topic()
         msg_type = CompressedImage if self.p("use_compressed") else Image
         self._transport_gaps.reset_streams()  # what was sent while unsubscribed was not lost in transport
+        # Newer rclpy passes message info (for the transport-loss count); Humble's calls with the message alone.
+        on_image = self._on_image if _RCLPY_MESSAGE_INFO else (lambda msg: self._on_image(msg, None))
         self._subs = [
-            self.create_subscription(msg_type, topic, self._on_image, qos, callback_group=grp,
+            self.create_subscription(msg_type, topic, on_image, qos, callback_group=grp,
                                      event_callbacks=self._qos_warning(topic)),
             self.create_subscription(String, "prompt", self._on_prompt, 10, callback_group=grp),
             self.create_subscription(PointStamped, "click", self._on_click, 10, callback_group=grp),
@@ -348,8 +351,8 @@ class PixelSailNode(LifecycleNode):
             try:
                 text = conversions.validate_prompt(text, self.p("max_prompt_chars"))
             except ValueError as exc:
-                self._count_error("prompt", f"prompt rejected: {exc}")
-                return
+                self._count_error("prompt", f"prompt rejected, continuous segmentation stopped: {exc}")
+                text = ""  # the sender meant to replace the old prompt: never keep segmenting that one
         else:
             text = ""
         with self._prompt_lock:
@@ -357,7 +360,8 @@ class PixelSailNode(LifecycleNode):
         if text and self._queue.latest_frame() is None:
             self._throttle.log("warn", "prompt-no-frame",
                                f"prompt {text!r} stored, but no frame has arrived on '{self._image_topic()}' yet")
-        self.get_logger().info(f"prompt set to {text!r}" if text else "prompt cleared: continuous segmentation stopped")
+        if text or not msg.data.strip():
+            self.get_logger().info(f"prompt set to {text!r}" if text else "prompt cleared: continuous segmentation stopped")
         self._queue.set_prompt_active(bool(text))
 
     @guarded
@@ -528,10 +532,14 @@ class PixelSailNode(LifecycleNode):
         if pubs["debug_image"].get_subscription_count() > 0:
             over = visualization.overlay(frame.rgb, out.masks, out.labels, out.scores)
             pubs["debug_image"].publish(image_conversion.numpy_to_image(over, "rgb8", frame.header))
-        if positions is not None and "markers" in pubs:
-            pubs["markers"].publish(visualization.make_markers(frame.header, positions, out.labels, ns=NODE_NAME))
-        if cloud is not None and "object_cloud" in pubs:
-            pubs["object_cloud"].publish(point_cloud.make_point_cloud2(cloud, frame.header))
+        # With 3D on, every result replaces the previous markers and cloud, also with nothing to show (no object,
+        # or no depth for this frame): an RViz display or a planner never keeps a stale object.
+        if "markers" in pubs:
+            shown = positions if positions is not None else [None] * len(out.labels)
+            pubs["markers"].publish(visualization.make_markers(frame.header, shown, out.labels, ns=NODE_NAME))
+        if "object_cloud" in pubs:
+            points = cloud if cloud is not None else np.zeros((0, 3), np.float32)
+            pubs["object_cloud"].publish(point_cloud.make_point_cloud2(points, frame.header))
 
     # ------------------------------------------------------------------ service
     def _on_segment(self, req: Segment.Request, resp: Segment.Response) -> Segment.Response:
@@ -544,6 +552,9 @@ class PixelSailNode(LifecycleNode):
                 [(b.x_offset, b.y_offset, b.x_offset + b.width, b.y_offset + b.height) for b in req.boxes], w, h)
             if not text and not points and not boxes:
                 raise ValueError("nothing to segment: give a text, points or boxes")
+            most = self._engine.processor.num_visual_prompts if self._engine is not None else None
+            if most is not None and len(points) + len(boxes) > most:
+                raise ValueError(f"{len(points)} points and {len(boxes)} boxes: this model takes at most {most} together")
         except Exception as exc:  # noqa: BLE001 - a bad request is an answer, never a dead node
             text = str(exc) if isinstance(exc, ValueError) else f"malformed request ({type(exc).__name__}: {exc})"
             resp.success, resp.message = False, text
@@ -604,9 +615,11 @@ class PixelSailNode(LifecycleNode):
         self._last_error = ""
 
 
+_RCLPY_MESSAGE_INFO = hasattr(rclpy.subscription.Subscription, "CallbackType")  # False on Humble
+
 #: Whether frames_lost_in_transport means anything: an rmw without publication sequence numbers leaves it at 0.
 _COUNTED = {None: "not yet (no frame received)", True: "yes",
-            False: "no: the rmw gives no publication sequence numbers, losses are not seen"}
+            False: "no: this rclpy/rmw gives no publication sequence numbers, losses are not seen"}
 
 
 def main(args: Optional[list[str]] = None) -> int:

@@ -213,12 +213,12 @@ class StampedBuffer(Generic[T]):
             self._items.append((stamp, item))
 
     def closest(self, stamp: float, tolerance: float) -> Optional[T]:
-        """The item whose stamp is nearest to ``stamp`` and within ``tolerance`` seconds, else None."""
+        """The item whose stamp is nearest to ``stamp`` and within ``tolerance`` seconds (of equals, the newest)."""
         with self._lock:
             best: Optional[tuple[float, T]] = None
             for s, item in self._items:
                 d = abs(s - stamp)
-                if d <= tolerance and (best is None or d < best[0]):
+                if d <= tolerance and (best is None or d <= best[0]):  # ties: the newest (cameras stamping 0)
                     best = (d, item)
             return None if best is None else best[1]
 

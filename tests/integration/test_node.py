@@ -157,6 +157,7 @@ def test_service_click_describes_the_object(segment, reference, quality_model: b
         (lambda f: Segment.Request(image=image_msg(f.rgb, 1), text="x" * 65), "long"),
         (lambda f: Segment.Request(image=image_msg(f.rgb, 1), points=[Point(x=1e6, y=3.0)]), "outside"),
         (lambda f: Segment.Request(image=image_msg(f.rgb, 1), points=[Point(x=math.nan, y=3.0)]), "finite"),
+        (lambda f: Segment.Request(image=image_msg(f.rgb, 1), points=[Point(x=5.0, y=5.0)] * 16), "at most 15"),
         (lambda f: Segment.Request(image=image_msg(f.rgb, 1),
                                    boxes=[RegionOfInterest(x_offset=10, y_offset=10, width=5000, height=5)]), "outside"),
         (lambda f: Segment.Request(image=Image(height=4, width=4, encoding="rgb8", step=12, data=bytes(10)), text="red circle"),
@@ -164,7 +165,8 @@ def test_service_click_describes_the_object(segment, reference, quality_model: b
         (lambda f: Segment.Request(image=Image(height=4, width=4, encoding="weird9", step=12, data=bytes(48)), text="red circle"),
          "encoding"),
     ],
-    ids=["nothing", "too-long", "point-outside", "point-nan", "box-outside", "truncated-image", "bad-encoding"],
+    ids=["nothing", "too-long", "point-outside", "point-nan", "too-many-points", "box-outside", "truncated-image",
+         "bad-encoding"],
 )
 def test_service_rejects_bad_requests_and_keeps_running(segment, make_request, expected: str) -> None:
     frame = render_frame(SEED, 1)
@@ -228,13 +230,61 @@ def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Cl
         assert obj.has_position, "depth was published but no 3D position came back"
         expected = mask_centroid_3d(frame.depth_m, frame.K, pred, min_points=BY_NAME["min_depth_points"].default)
         assert np.allclose([obj.position.x, obj.position.y, obj.position.z], expected, atol=1e-3)
-        assert got["markers"] and got["markers"][-1].markers[0].action == 3  # DELETEALL first
-        cloud = read_points(got["cloud"][-1])
-        assert len(cloud) > 0 and got["cloud"][-1].header.frame_id == "camera_optical"
+        same = lambda msgs: [m for m in msgs if m.header.stamp.sec == res.header.stamp.sec]  # noqa: E731
+        assert client.spin_until(lambda: bool(same(got["cloud"])) and any(
+            ma.markers and ma.markers[0].header.stamp.sec == res.header.stamp.sec for ma in got["markers"]), 5)
+        markers = next(ma for ma in got["markers"] if ma.markers[0].header.stamp.sec == res.header.stamp.sec)
+        assert markers.markers[0].action == 3 and len(markers.markers) == 3  # DELETEALL, sphere, label
+        cloud = read_points(same(got["cloud"])[0])
+        assert len(cloud) > 0 and same(got["cloud"])[0].header.frame_id == "camera_optical"
         assert np.all(np.isin(np.round(cloud[:, 2], 3), np.round(np.unique(frame.depth_m), 3)))
         if quality_model:
             assert iou(pred, frame.masks[expr.target]) >= 0.5
             assert obj.position.z == pytest.approx(float(np.median(frame.depth_m[frame.masks[expr.target]])), abs=0.15)
+
+
+def test_a_result_without_3d_clears_the_previous_markers_and_cloud(client: Client, segment) -> None:
+    """RViz and planners never keep a stale object: with depth on, every result replaces markers and cloud."""
+    n = client.node
+    markers: list = []
+    clouds: list = []
+    n.create_subscription(MarkerArray, "markers", markers.append, 10)
+    n.create_subscription(PointCloud2, "object_cloud", clouds.append, 10)
+    frame = render_frame(SEED, 5, 160, 120)
+    assert segment(Segment.Request(image=image_msg(frame.rgb, 424242), text="red circle")).success  # no depth for it
+    mine = lambda msgs: [m for m in msgs if m.header.stamp.sec == 424242]  # noqa: E731
+    assert client.spin_until(lambda: bool(mine(clouds)) and any(
+        a.markers and a.markers[0].header.stamp.sec == 424242 for a in markers), 10)
+    array = next(a for a in markers if a.markers[0].header.stamp.sec == 424242)
+    assert [m.action for m in array.markers] == [3]  # DELETEALL only
+    assert mine(clouds)[0].width == 0 and len(read_points(mine(clouds)[0])) == 0
+
+
+def test_a_rejected_prompt_stops_the_standing_one(client: Client, node: NodeProcess) -> None:
+    n = client.node
+    frame = render_frame(SEED, 6, 160, 120)
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_prompt = n.create_publisher(String, "prompt", 10)
+    results: list = []
+    n.create_subscription(SegmentationResult, "segmentation", results.append, 10)
+    assert client.spin_until(lambda: pub_prompt.get_subscription_count() > 0 and pub_img.get_subscription_count() > 0, 20)
+    pub_prompt.publish(String(data="blue square"))
+
+    def stream(seconds: float, first: int) -> None:
+        end, i = time.monotonic() + seconds, first
+        while time.monotonic() < end:
+            pub_img.publish(image_msg(frame.rgb, i))
+            i += 1
+            client.spin_until(lambda: False, 0.1)
+
+    stream(3.0, 20000)
+    assert any(r.prompt == "blue square" for r in results), node.output[-2000:]
+    pub_prompt.publish(String(data="x" * 100))  # over max_prompt_chars (64 here)
+    assert node.wait_for_log("prompt rejected", 10), node.output[-2000:]
+    stream(1.0, 30000)  # a frame already in the model may still be answered
+    results.clear()
+    stream(2.0, 40000)
+    assert not [r for r in results if r.header.stamp.sec >= 40000], "the old prompt kept running"
 
 
 def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_the_buffer(

@@ -77,6 +77,10 @@ def test_stamped_buffer_pairs_within_tolerance_only() -> None:
     assert b.closest(1.06, 0.02) == "b"
     assert b.closest(1.00, 0.02) is None  # "a" fell out of the window
     assert b.closest(1.30, 0.1) is None
+    zero: StampedBuffer[str] = StampedBuffer(size=3)
+    for v in "abc":
+        zero.put(0.0, v)  # a camera that stamps every frame 0: the newest, not the oldest
+    assert zero.closest(0.0, 0.02) == "c"
 
 
 def test_rolling_stats() -> None:
