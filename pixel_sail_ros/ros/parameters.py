@@ -30,9 +30,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),
     ParamSpec("max_rate_hz", 0.0, "Upper bound on continuous-prompt inferences per second; 0 = as fast as the model runs.",
               min_value=0.0, max_value=1000.0),
-    ParamSpec("frame_wait_ms", 20.0, "When the worker frees up and the newest frame is already older than half the "
-              "camera period, wait up to this long for the next one: fresher results, slightly lower output rate. "
-              "0 = always start on the newest frame at once.", min_value=0.0, max_value=1000.0),
+    ParamSpec("frame_wait_ms", 0.0, "When the worker frees up and the newest frame is already older than half the "
+              "camera period, wait up to this long for the next one (meant for fresher results). 0 = off: start on "
+              "the newest frame at once; on a 2-core CPU waiting made latency worse (README, Performance).",
+              min_value=0.0, max_value=1000.0),
     ParamSpec("max_new_tokens", 32, "Longest generated answer or description, in tokens.", min_value=1, max_value=1024),
     ParamSpec("max_prompt_chars", 256, "Longer text prompts are rejected with an error.", min_value=1, max_value=100000),
     ParamSpec("max_image_pixels", 4096 * 4096, "Larger images are rejected with an error.", min_value=1, max_value=1 << 30),
