@@ -57,8 +57,9 @@ def _worker(rank: int, port: int, runs: list[list[str]], result_dir: str) -> Non
 def _spawn(runs: list[list[str]], result_dir: Path) -> list[list[dict[str, torch.Tensor]]]:
     """Per run, per rank: the parameters after training."""
     result_dir.mkdir(parents=True, exist_ok=True)
-    # fork: the workers inherit the imported torch/transformers instead of importing them again (seconds each)
-    mp.start_processes(_worker, args=(_free_port(), runs, str(result_dir)), nprocs=WORLD, join=True, start_method="fork")
+    # spawn, not fork: a forked child of a pytest-xdist worker inherits its threads' locks (execnet, OpenMP
+    # pools of earlier tests) and hung once in CI; spawn costs an import of torch per rank, seconds
+    mp.start_processes(_worker, args=(_free_port(), runs, str(result_dir)), nprocs=WORLD, join=True, start_method="spawn")
     files = [[result_dir / f"run{i}_rank{r}.safetensors" for r in range(WORLD)] for i in range(len(runs))]
     return [[load_file(str(f)) for f in run if f.is_file()] for run in files]
 
