@@ -443,7 +443,7 @@ def test_bad_model_path_fails_configure_clearly(ns: str, tmp_path) -> None:
     assert "configure failed" in proc.output and "nope" in proc.output, proc.output[-2000:]
 
 
-def test_grasp_client_example_turns_a_spoken_line_into_a_target(client: Client, node: NodeProcess, ns: str,
+def test_grasp_client_example_turns_a_spoken_line_into_a_target(client: Client, node: NodeProcess, ns: str, segment,
                                                                  quality_model: bool) -> None:
     import subprocess
     import sys
@@ -455,6 +455,14 @@ def test_grasp_client_example_turns_a_spoken_line_into_a_target(client: Client, 
     pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
     pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+    # the client asks about the latest frame: the node must have one first (this test may be its first user)
+    assert client.spin_until(lambda: min(p.get_subscription_count() for p in (pub_img, pub_depth, pub_info)) > 0, 20)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        pub_img.publish(image_msg(frame.rgb, 4000))
+        client.spin_until(lambda: False, 0.1)
+        if "no frame has arrived" not in segment(Segment.Request(text="red circle")).message:
+            break
     script = Path(__file__).resolve().parents[2] / "examples" / "grasp_client.py"
     proc = subprocess.Popen([sys.executable, str(script), "--namespace", ns], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
