@@ -173,7 +173,6 @@ class WorkQueue:
                 self._cond.wait(remaining)
             return None
 
-
     def camera_period(self) -> Optional[float]:
         """Median interval between the last frames received (seconds); None until three have come."""
         with self._cond:
