@@ -92,6 +92,17 @@ def assert_same_answer(res, ref, shape: tuple[int, int]) -> None:
         assert abs(obj.score - float(score)) <= 0.02
 
 
+def outputs_3d_for(client: Client, marker_arrays: list, clouds: list, sec: int, timeout: float):
+    """The MarkerArray and PointCloud2 the node sent with the result for the frame stamped ``sec``."""
+    def find():
+        arrays = [a for a in marker_arrays if a.markers and a.markers[0].header.stamp.sec == sec]
+        cloud = [c for c in clouds if c.header.stamp.sec == sec]
+        return (arrays[0], cloud[0]) if arrays and cloud else None
+
+    assert client.spin_until(lambda: find() is not None, timeout), f"no markers and cloud for the frame at {sec}"
+    return find()
+
+
 def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
     msg = numpy_to_image(rgb, "rgb8")
     msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id
@@ -230,13 +241,10 @@ def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Cl
         assert obj.has_position, "depth was published but no 3D position came back"
         expected = mask_centroid_3d(frame.depth_m, frame.K, pred, min_points=BY_NAME["min_depth_points"].default)
         assert np.allclose([obj.position.x, obj.position.y, obj.position.z], expected, atol=1e-3)
-        same = lambda msgs: [m for m in msgs if m.header.stamp.sec == res.header.stamp.sec]  # noqa: E731
-        assert client.spin_until(lambda: bool(same(got["cloud"])) and any(
-            ma.markers and ma.markers[0].header.stamp.sec == res.header.stamp.sec for ma in got["markers"]), 5)
-        markers = next(ma for ma in got["markers"] if ma.markers[0].header.stamp.sec == res.header.stamp.sec)
+        markers, cloud_msg = outputs_3d_for(client, got["markers"], got["cloud"], res.header.stamp.sec, 5)
         assert markers.markers[0].action == 3 and len(markers.markers) == 3  # DELETEALL, sphere, label
-        cloud = read_points(same(got["cloud"])[0])
-        assert len(cloud) > 0 and same(got["cloud"])[0].header.frame_id == "camera_optical"
+        cloud = read_points(cloud_msg)
+        assert len(cloud) > 0 and cloud_msg.header.frame_id == "camera_optical"
         assert np.all(np.isin(np.round(cloud[:, 2], 3), np.round(np.unique(frame.depth_m), 3)))
         if quality_model:
             assert iou(pred, frame.masks[expr.target]) >= 0.5
@@ -252,12 +260,9 @@ def test_a_result_without_3d_clears_the_previous_markers_and_cloud(client: Clien
     n.create_subscription(PointCloud2, "object_cloud", clouds.append, 10)
     frame = render_frame(SEED, 5, 160, 120)
     assert segment(Segment.Request(image=image_msg(frame.rgb, 424242), text="red circle")).success  # no depth for it
-    mine = lambda msgs: [m for m in msgs if m.header.stamp.sec == 424242]  # noqa: E731
-    assert client.spin_until(lambda: bool(mine(clouds)) and any(
-        a.markers and a.markers[0].header.stamp.sec == 424242 for a in markers), 10)
-    array = next(a for a in markers if a.markers[0].header.stamp.sec == 424242)
+    array, cloud = outputs_3d_for(client, markers, clouds, 424242, 10)
     assert [m.action for m in array.markers] == [3]  # DELETEALL only
-    assert mine(clouds)[0].width == 0 and len(read_points(mine(clouds)[0])) == 0
+    assert cloud.width == 0 and len(read_points(cloud)) == 0
 
 
 def test_a_rejected_prompt_stops_the_standing_one(client: Client, node: NodeProcess) -> None:

@@ -246,9 +246,12 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline)."""
+    import psutil
+
     from pixel_sail_ros.ros.parameters import BY_NAME
 
-    import psutil
+    if frame_wait_ms is None:
+        frame_wait_ms = float(BY_NAME["frame_wait_ms"].default)
 
     directory, weights, tmp = resolve_model_dir(model_path)
     namespace, node_name = unique_names("pixel_sail_bench")
@@ -260,8 +263,6 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         log.info("echo: one hop p50 %s ms (%d/%d frames back)", echo["echo_ms_p50"], echo["echo_frames_returned"],
                  echo["echo_frames_sent"])
         t0 = time.monotonic()
-        if frame_wait_ms is None:
-            frame_wait_ms = float(BY_NAME["frame_wait_ms"].default)
         node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype,
                                                  "frame_wait_ms": float(frame_wait_ms)})
         startup_s = time.monotonic() - t0
