@@ -65,7 +65,7 @@ def prefix_flops(config: Any, tokens: int, patches: int | None = None) -> int:
 
 
 def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
-    """FLOPs of the mask decoder's per-pixel features (pre-projector, upsample blocks, feature projector).
+    """FLOPs of the mask decoder's per-pixel features (pre-projector, upsample blocks, pixel skip, feature projector).
 
     Each upsample block: 2×2 stride-2 transposed conv (C→C), depthwise 3×3 and pointwise 1×1 at the doubled
     resolution. Computed once per frame, lazily on the first [SEG] of an answer (``PixelSailPrefix.pixel_features``),
@@ -81,6 +81,8 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
         total += 2 * pixels * c * c * 4  # transposed conv: every input pixel feeds a 2×2 output block
         pixels *= 4
         total += 2 * pixels * c * 9 + 2 * pixels * c * c  # depthwise + pointwise
+    if getattr(config, "pixel_skip", False):
+        total += 2 * pixels * 3 * config.mask_output_stride**2 * c  # each cell's raw pixels → C
     total += 2 * pixels * (c * c + c * config.seg_hidden_size)  # image_feature_projector (Linear, ReLU, Linear)
     return total
 

@@ -122,6 +122,11 @@ class PixelSailConfig(PreTrainedConfig):
             None (default) = exactly when there is no injection (the paper's two designs); True with
             injection = both, so the question's `<Prompt k>` token points at the region directly (at this
             project's scale injection alone learned clicks poorly: see the README's ablation).
+        pixel_skip: add a zero-initialised linear of each stride-s cell's raw pixels (3·s·s values, cut from the
+            same patches the transformer reads) to the upsampled features, before the projector. Not in the
+            paper (off in its presets): a small model's patch states carry sub-patch boundaries poorly, and this
+            gives the mask head the cell's own colour at no cost in the transformer. Zero-initialised, so a
+            checkpoint without it loads unchanged and can be fine-tuned into it (``--model-overrides``).
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -144,6 +149,7 @@ class PixelSailConfig(PreTrainedConfig):
     use_upsampler: bool = True
     visual_prompt_injection: bool = True
     visual_prompt_pooling: bool | None = None
+    pixel_skip: bool = False
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None
@@ -185,6 +191,8 @@ class PixelSailConfig(PreTrainedConfig):
         p, s = self.patch_size, self.mask_output_stride
         if p <= 0 or s <= 0 or p % s or (p // s) & (p // s - 1):
             raise ValueError(f"patch_size/mask_output_stride = {p}/{s} must be a power of two (>= 1)")
+        if self.pixel_skip and not self.use_upsampler:
+            raise ValueError("pixel_skip adds to the upsampled features: it needs use_upsampler=True")
         if self.max_image_size < p or self.max_image_size % p:
             raise ValueError(f"max_image_size {self.max_image_size} must be a positive multiple of patch_size {p}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:

@@ -14,10 +14,12 @@ import copy
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 from transformers.utils import ModelOutput
@@ -142,6 +144,13 @@ class PixelSailPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
 
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' defaults, except the pixel skip starts at zero (a model fine-tuned into it starts unchanged)."""
+        super()._init_weights(module)
+        if module is getattr(self, "pixel_skip", None):
+            init.zeros_(module.weight)
+
 
 class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixin):
     """The Pixel-SAIL single transformer with its LM head and mask decoder.
@@ -170,6 +179,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         self.image_feature_pre_projector = _mlp(hidden, hidden, in_dim) if hidden > in_dim else None
         blocks = config.num_upsample_blocks if config.use_upsampler else 0
         self.upsample_blocks = nn.Sequential(*[_upsample_block(in_dim) for _ in range(blocks)])
+        stride = config.mask_output_stride
+        self.pixel_skip = nn.Linear(3 * stride * stride, in_dim, bias=False) if config.pixel_skip else None
         self.image_feature_projector = _mlp(in_dim, in_dim, config.seg_hidden_size)
         self.seg_token_projector = _mlp(hidden, in_dim, config.seg_hidden_size)
 
@@ -295,20 +306,37 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
 
     # ---- mask decoder ----------------------------------------------------------------------------------
 
-    def decode_pixel_features(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        """(n, h, w, hidden) last-layer patch states → (n, D_seg, h·P/s, w·P/s) per-pixel features."""
+    def decode_pixel_features(self, vision_tokens: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, h, w, hidden) last-layer patch states → (n, D_seg, h·P/s, w·P/s) per-pixel features.
+
+        ``patches`` (n, h, w, 3·P·P): the normalised pixel patches the prefix read; needed only with
+        ``config.pixel_skip``.
+        """
         x = vision_tokens
         if self.image_feature_pre_projector is not None:
             x = self.image_feature_pre_projector(x)
         x = self.upsample_blocks(x.permute(0, 3, 1, 2))
+        if self.pixel_skip is not None:
+            if patches is None:
+                raise ValueError("this model has a pixel skip: decode_pixel_features needs the image patches")
+            x = x + self.pixel_skip(self.stride_cells(patches).to(x.dtype)).permute(0, 3, 1, 2)
         x = self.image_feature_projector(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if not self.config.use_upsampler:  # the baseline: per-patch features, interpolated
             scale = 2**self.config.num_upsample_blocks
             x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         return x
 
+    def stride_cells(self, patches: torch.Tensor) -> torch.Tensor:
+        """(n, h, w, 3·P·P) patches (channel, row, column order) → (n, h·P/s, w·P/s, 3·s·s): each mask cell's pixels."""
+        n, h, w, _ = patches.shape
+        p, s = self.config.patch_size, self.config.mask_output_stride
+        c = p // s
+        x = patches.reshape(n, h, w, 3, c, s, c, s).permute(0, 1, 4, 2, 6, 3, 5, 7)
+        return x.reshape(n, h * c, w * c, 3 * s * s)
+
     def _image_outputs(
-        self, hidden: torch.Tensor, is_patch: torch.Tensor, image_grid_hw: torch.Tensor | None
+        self, hidden: torch.Tensor, is_patch: torch.Tensor, image_grid_hw: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per-sample pixel features and (h, w, hidden) vision tokens; images of one grid size run together."""
         batch = hidden.shape[0]
@@ -329,7 +357,10 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             groups[(h, w)].append(b)
         for (h, w), members in groups.items():
             stacked = torch.stack([hidden[b][is_patch[b]] for b in members]).view(len(members), h, w, -1)
-            features = self.decode_pixel_features(stacked)
+            patches = None
+            if self.pixel_skip is not None:
+                patches = torch.stack([pixel_values[b, : h * w] for b in members]).view(len(members), h, w, -1)
+            features = self.decode_pixel_features(stacked, patches)
             for i, b in enumerate(members):
                 tokens[b], pixel[b] = stacked[i], features[i]
         return pixel, tokens
@@ -409,7 +440,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if not output_mask_logits:
             return output
 
-        pixel, tokens = self._image_outputs(hidden, is_patch, image_grid_hw)
+        pixel, tokens = self._image_outputs(hidden, is_patch, image_grid_hw, pixel_values)
         is_seg = input_ids == self.config.seg_token_id
         projected = self.seg_token_projector(hidden[is_seg])
         seg = list(projected.split(is_seg.sum(dim=1).tolist()))
@@ -466,7 +497,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
             length=input_ids.shape[1],
             next_position=int(position_ids.max()) + 1,
-            decoder=self.decode_pixel_features,
+            decoder=(self.decode_pixel_features if self.pixel_skip is None else
+                     partial(self.decode_pixel_features, patches=pixel_values[:, : h * w].reshape(1, h, w, -1))),
             visual_prompt_features=out.visual_prompt_features,
         )
 

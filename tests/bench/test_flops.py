@@ -47,9 +47,13 @@ def test_pixel_decoder_hand_count() -> None:
     block2 = 2 * (4 * g) * 256 * 256 * 4 + 2 * (16 * g) * 256 * 9 + 2 * (16 * g) * 256 * 256
     projector = 2 * (16 * g) * (256 * 256 + 256 * 128)
     assert flops.pixel_decoder_flops(cfg, (11, 14)) == block1 + block2 + projector
+    skip = 2 * (16 * g) * (3 * 4 * 4) * 256
+    assert flops.pixel_decoder_flops(PixelSailConfig.from_preset("tiny", pixel_skip=True), (11, 14)) == (
+        block1 + block2 + skip + projector)
 
 
-def test_prefill_count_equals_torch_flop_counter_on_the_model() -> None:
+@pytest.mark.parametrize("pixel_skip", [False, True])
+def test_prefill_count_equals_torch_flop_counter_on_the_model(pixel_skip: bool) -> None:
     """Every matmul/conv the real prefill runs is counted, and nothing else (eager attention: counted matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -57,7 +61,7 @@ def test_prefill_count_equals_torch_flop_counter_on_the_model() -> None:
     from pixel_sail_ros.model.processing_pixel_sail import PixelSailProcessor
     from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
 
-    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2)
+    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2, pixel_skip=pixel_skip)
     torch.manual_seed(0)
     model = PixelSailForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     processor = PixelSailProcessor.from_config(cfg, build_tiny_tokenizer())
