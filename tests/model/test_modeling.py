@@ -185,7 +185,7 @@ def test_independent_turns_equal_single_turn_samples(model, processor, image_fac
     assert seg_row == joint.mask_logits[0].shape[0] == 3
 
 
-def test_save_load_round_trip_is_bit_exact(model_factory, processor, image_factory, tmp_path):
+def test_save_load_round_trip_restores_every_weight_bit_exactly(model_factory, processor, image_factory, tmp_path):
     model = model_factory(1, distill_pixel_dim=16, distill_token_dim=8)
     model.save_pretrained(tmp_path)
     assert model.config.distill_pixel_dim == 16  # the live model keeps its heads
@@ -207,7 +207,11 @@ def test_save_load_round_trip_is_bit_exact(model_factory, processor, image_facto
 
     sample = sample_for(processor, image_factory(50, 70), [Turn(refer_seg_question("red star"), SEG_ANSWER)])
     a, b = run(model, processor, [sample]), run(loaded, processor, [sample])
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.mask_logits[0], b.mask_logits[0])
+    # Same weights, bit for bit (above); the outputs can still differ in the last bits: a loaded tensor lives in
+    # the safetensors mapping, not at an allocator-aligned address, and CPU GEMV kernels pick their path by
+    # alignment (seen on an AMD EPYC: a one-row Linear differed by ~1e-8).
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.mask_logits[0], b.mask_logits[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="safetensors"):
         PixelSailForConditionalGeneration.from_pretrained(tmp_path, use_safetensors=False)
 

@@ -171,7 +171,7 @@ def test_seg_query_attribute_loss_reads_the_target_class_under_its_mask() -> Non
     wrong = torch.tensor([[0.0, 3.0, 0.0, 0.0]])
     low = seg_query_attribute_loss(probe, [right], [mask_top], [targets])
     high = seg_query_attribute_loss(probe, [wrong], [mask_top], [targets])
-    assert low is not None and high is not None and float(low) < 0.01 < 5.0 < float(high)
+    assert low is not None and high is not None and float(low.detach()) < 0.01 < 5.0 < float(high.detach())
     background_only = torch.zeros(1, 6, 6, dtype=torch.bool)
     assert seg_query_attribute_loss(probe, [right], [background_only], [targets]) is None
     emb = right.clone().requires_grad_(True)
