@@ -14,7 +14,7 @@ INSTALL := $(ROOT)/install
 PYTEST_ARGS ?= -n 2 --timeout 600
 ENV := source $(ROOT)/env.sh &&
 
-.PHONY: all setup build test demo bench clean distclean help
+.PHONY: all setup build test demo bench clean distclean help device-wheels
 all: setup
 
 help:
@@ -63,3 +63,10 @@ clean:
 
 distclean: clean
 	rm -rf .venv
+
+# Pinned packages that a GPU machine without network lacks, as wheels for scripts/device_check.sh (.whl/ is
+# ignored by git: name it in the device tool's carry).
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl transformers==5.23.0 tokenizers==0.23.3

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared run for a machine with an NVIDIA GPU, with no network and its own python3 + torch (the
+# development workplace lends one to some sessions). In order, each step bounded in time:
+#   1. the CUDA tests (bf16/fp16 against float32, the GPU path really on the GPU);
+#   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768);
+#   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, then its held-out eval.
+# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda.json, and with training eval.json,
+# metrics.jsonl, config.json and the model split into model.safetensors.part-* (rejoin with `cat`).
+#
+# Pinned pure-python packages the machine lacks travel as wheels in .whl/ (`make device-wheels` fills it).
+# CPU dry run of the whole script (about a minute): DEVICE=cpu TRAIN_MINUTES=0.2 EVAL_SAMPLES=4 PYTHON=.venv/bin/python \
+#   BENCH_ARGS="--quick --presets tiny" bash scripts/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/device}
+DEVICE=${DEVICE:-cuda}
+TRAIN_MINUTES=${TRAIN_MINUTES:-0}
+TRAIN_STEPS=${TRAIN_STEPS:-20000}
+INIT=${INIT:-pixel_sail_ros/checkpoints/shapesref_tiny}
+BENCH_ARGS=${BENCH_ARGS:-}
+EVAL_SAMPLES=${EVAL_SAMPLES:-500}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pixel_sail_site .whl/*.whl \
+        >>"$LOG" 2>&1 || { say "installing .whl/ failed"; exit 1; }
+    export PYTHONPATH=/tmp/pixel_sail_site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch, transformers
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, GPU: {gpu}")
+EOF
+
+say "1. CUDA tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/model 2>&1 | tail -15 | tee -a "$LOG"
+
+say "2. model bench ($DEVICE)"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+timeout 300 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
+    --output "$OUT/bench_cuda.json" >/dev/null 2>>"$LOG" || say "bench failed or timed out"
+
+if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
+    say "3. training ${TRAIN_MINUTES} min from $INIT"
+    RUN=/tmp/pixel_sail_device_run
+    rm -rf "$RUN"
+    timeout $(( ${TRAIN_MINUTES%.*} * 60 + 300 )) "$PY" -m pixel_sail_ros.training.train --init "$INIT" --data shapesref \
+        --device "$DEVICE" --seed 5 --batch-size 16 --turns-per-image 16 --lr 5e-4 --warmup-steps 100 \
+        --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent 0.35 --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
+        --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --eval-every 0 --save-every 0 --no-progress \
+        --mix referring=0.5,vp_segment=0.15,vp_describe=0.2,text_describe=0.05,vp_qa=0.1 \
+        --prompt-probs point=0.5,box=0.2,mask=0.3 --output-dir "$RUN" >>"$LOG" 2>&1 || say "training failed"
+    if [ -f "$RUN/model.safetensors" ]; then
+        cp "$RUN/config.json" "$OUT/"
+        [ -f "$RUN/metrics.jsonl" ] && cp "$RUN/metrics.jsonl" "$OUT/"
+        split -b 15M -d "$RUN/model.safetensors" "$OUT/model.safetensors.part-"
+        timeout 300 "$PY" -m pixel_sail_ros.training.evaluate --model "$RUN" --data shapesref --num-samples "$EVAL_SAMPLES" \
+            --seed 424242 --device "$DEVICE" --output "$OUT/eval.json" >/dev/null 2>>"$LOG" || say "eval failed"
+    fi
+fi
+say "done"
