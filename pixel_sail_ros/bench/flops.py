@@ -81,7 +81,7 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
         total += 2 * pixels * c * c * 4  # transposed conv: every input pixel feeds a 2×2 output block
         pixels *= 4
         total += 2 * pixels * c * 9 + 2 * pixels * c * c  # depthwise + pointwise
-    if getattr(config, "pixel_skip", False):
+    if config.pixel_skip:
         total += 2 * pixels * 3 * config.mask_output_stride**2 * c  # each cell's raw pixels → C
     total += 2 * pixels * (c * c + c * config.seg_hidden_size)  # image_feature_projector (Linear, ReLU, Linear)
     return total

@@ -334,6 +334,12 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         x = patches.reshape(n, h, w, 3, c, s, c, s).permute(0, 1, 4, 2, 6, 3, 5, 7)
         return x.reshape(n, h * c, w * c, 3 * s * s)
 
+    def _skip_patches(self, pixel_values: torch.Tensor | None, rows: Sequence[int], h: int, w: int) -> torch.Tensor | None:
+        """(len(rows), h, w, 3·P·P) patch grids of samples ``rows`` for the pixel skip; None for a model without one."""
+        if self.pixel_skip is None:
+            return None
+        return torch.stack([pixel_values[b, : h * w] for b in rows]).view(len(rows), h, w, -1)
+
     def _image_outputs(
         self, hidden: torch.Tensor, is_patch: torch.Tensor, image_grid_hw: torch.Tensor | None,
         pixel_values: torch.Tensor | None = None,
@@ -357,10 +363,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             groups[(h, w)].append(b)
         for (h, w), members in groups.items():
             stacked = torch.stack([hidden[b][is_patch[b]] for b in members]).view(len(members), h, w, -1)
-            patches = None
-            if self.pixel_skip is not None:
-                patches = torch.stack([pixel_values[b, : h * w] for b in members]).view(len(members), h, w, -1)
-            features = self.decode_pixel_features(stacked, patches)
+            features = self.decode_pixel_features(stacked, self._skip_patches(pixel_values, members, h, w))
             for i, b in enumerate(members):
                 tokens[b], pixel[b] = stacked[i], features[i]
         return pixel, tokens
@@ -497,8 +500,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
             length=input_ids.shape[1],
             next_position=int(position_ids.max()) + 1,
-            decoder=(self.decode_pixel_features if self.pixel_skip is None else
-                     partial(self.decode_pixel_features, patches=pixel_values[:, : h * w].reshape(1, h, w, -1))),
+            decoder=partial(self.decode_pixel_features, patches=self._skip_patches(pixel_values, [0], h, w)),
             visual_prompt_features=out.visual_prompt_features,
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -60,11 +61,16 @@ def client(ns: str, node: NodeProcess):
     c.close()
 
 
-@pytest.fixture(scope="module")
-def segment(client: Client):
+def segment_caller(client: Client) -> Callable[..., Segment.Response]:
+    """``call(request, timeout=60.0)`` → the node's ``segment`` answer, once the service is there."""
     cli = client.node.create_client(Segment, "segment")
     assert client.spin_until(cli.service_is_ready, 30), "segment service never appeared"
     return lambda req, timeout=60.0: client.call(cli, req, timeout)
+
+
+@pytest.fixture(scope="module")
+def segment(client: Client):
+    return segment_caller(client)
 
 
 @pytest.fixture(scope="module")
@@ -301,9 +307,7 @@ def fresh_depth_node(ns: str, model_dir: str):
     c = Client(ns + "_depth", "depth_client")
     try:
         assert proc.wait_for_log("active: waiting for frames", 120), proc.output
-        cli = c.node.create_client(Segment, "segment")
-        assert c.spin_until(cli.service_is_ready, 30), "segment service never appeared"
-        yield c, proc, (lambda req, timeout=60.0: c.call(cli, req, timeout))
+        yield c, proc, segment_caller(c)
     finally:
         c.close()
         proc.stop()

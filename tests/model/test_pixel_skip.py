@@ -75,4 +75,3 @@ def test_a_checkpoint_without_the_skip_loads_into_it_unchanged(tmp_path, model_f
 def test_the_skip_needs_the_upsampler():
     with pytest.raises(ValueError, match="pixel_skip"):
         PixelSailConfig.from_preset("tiny", pixel_skip=True, use_upsampler=False)
-
