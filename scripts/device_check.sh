@@ -3,7 +3,10 @@
 # development workplace lends one to some sessions). In order, each step bounded in time:
 #   1. the CUDA tests (bf16/fp16 against float32, the GPU path really on the GPU);
 #   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768);
-#   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, then its held-out eval.
+#   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, its learning rate on a cosine over
+#      that time (--schedule-over-time), then its held-out eval (EVAL_SAMPLES=0 skips it: evaluate on the CPU).
+#      With DEADLINE_S > 0, training gets whatever is left of that many seconds after steps 1-2 (minus a margin
+#      for start-up and saving), so the whole run ends inside one device call's limit.
 # Everything lands in $OUT (default outputs/device): log.txt, bench_cuda.json, and with training eval.json,
 # metrics.jsonl, config.json and the model split into model.safetensors.part-* (rejoin with `cat`).
 #
@@ -15,7 +18,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/device}
 DEVICE=${DEVICE:-cuda}
 TRAIN_MINUTES=${TRAIN_MINUTES:-0}
-TRAIN_STEPS=${TRAIN_STEPS:-20000}
+TRAIN_STEPS=${TRAIN_STEPS:-100000}
+DEADLINE_S=${DEADLINE_S:-0}
+BATCH=${BATCH:-32}
+LR=${LR:-8e-4}
+T0=$(date +%s)
 INIT=${INIT:-pixel_sail_ros/checkpoints/shapesref_tiny}
 BENCH_ARGS=${BENCH_ARGS:-}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
@@ -32,6 +39,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/pixel_sail_site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# DataLoader workers hand batches over through /dev/shm; a small one (as in containers) kills them.
+df -m /dev/shm >>"$LOG" 2>&1
+if [ "$(id -u)" = 0 ] && [ "$(df -m --output=avail /dev/shm 2>/dev/null | tail -1)" -lt 8192 ] 2>/dev/null; then
+    mount -o remount,size=16G /dev/shm >>"$LOG" 2>&1 && df -m /dev/shm >>"$LOG" 2>&1
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$LOG" 2>&1
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, transformers
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -39,29 +52,35 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, GPU:
 EOF
 
 say "1. CUDA tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/model 2>&1 | tail -15 | tee -a "$LOG"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/model 2>&1 | tail -15 | tee -a "$LOG"
 
 say "2. model bench ($DEVICE)"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-timeout 300 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
+timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
     --output "$OUT/bench_cuda.json" >/dev/null 2>>"$LOG" || say "bench failed or timed out"
 
+if [ "$DEADLINE_S" -gt 0 ]; then
+    TRAIN_MINUTES=$(awk "BEGIN { m = ($DEADLINE_S - ($(date +%s) - $T0) - 75) / 60; print (m > 0 ? m : 0) }")
+fi
 if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
     say "3. training ${TRAIN_MINUTES} min from $INIT"
     RUN=/tmp/pixel_sail_device_run
     rm -rf "$RUN"
-    timeout $(( ${TRAIN_MINUTES%.*} * 60 + 300 )) "$PY" -m pixel_sail_ros.training.train --init "$INIT" --data shapesref \
-        --device "$DEVICE" --seed 5 --batch-size 16 --turns-per-image 16 --lr 5e-4 --warmup-steps 100 \
+    timeout $(( ${TRAIN_MINUTES%.*} * 60 + 150 )) "$PY" -m pixel_sail_ros.training.train --init "$INIT" --data shapesref \
+        --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps 150 \
         --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent 0.35 --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
-        --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --eval-every 0 --save-every 0 --no-progress \
+        --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --schedule-over-time --log-every 50 \
+        --eval-every 0 --save-every 0 --no-progress \
         --mix referring=0.5,vp_segment=0.15,vp_describe=0.2,text_describe=0.05,vp_qa=0.1 \
         --prompt-probs point=0.5,box=0.2,mask=0.3 --output-dir "$RUN" >>"$LOG" 2>&1 || say "training failed"
     if [ -f "$RUN/model.safetensors" ]; then
         cp "$RUN/config.json" "$OUT/"
         [ -f "$RUN/metrics.jsonl" ] && cp "$RUN/metrics.jsonl" "$OUT/"
         split -b 15M -d "$RUN/model.safetensors" "$OUT/model.safetensors.part-"
-        timeout 300 "$PY" -m pixel_sail_ros.training.evaluate --model "$RUN" --data shapesref --num-samples "$EVAL_SAMPLES" \
-            --seed 424242 --device "$DEVICE" --output "$OUT/eval.json" >/dev/null 2>>"$LOG" || say "eval failed"
+        if [ "$EVAL_SAMPLES" -gt 0 ]; then
+            timeout 300 "$PY" -m pixel_sail_ros.training.evaluate --model "$RUN" --data shapesref --num-samples "$EVAL_SAMPLES" \
+                --seed 424242 --device "$DEVICE" --output "$OUT/eval.json" >/dev/null 2>>"$LOG" || say "eval failed"
+        fi
     fi
 fi
 say "done"

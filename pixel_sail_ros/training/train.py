@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-manifest", metavar="FILE", help="held-out manifest for --manifest runs")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--time-budget-minutes", type=float, default=None, help="stop cleanly after this long (this invocation), then eval and save")
+    g.add_argument("--schedule-over-time", action="store_true",
+                   help="run the cosine over --time-budget-minutes of training (summed over resumes) instead of "
+                        "--max-steps, and stop when that time is spent: for a fixed slot of GPU time")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     g.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="bf16 autocast (CUDA only)")
@@ -196,13 +199,13 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def any_true(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (so all ranks stop/save together)."""
+    def max(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all ranks (so all ranks stop, save and schedule together)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return t.tolist()
 
     def mean(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
         """Mean of each logged value over all ranks' steps; ranks may lack a key (e.g. no mask that step)."""
@@ -488,11 +491,12 @@ def _patch(model: nn.Module) -> int:
 # ========================================================================================= schedule
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup from ~0 to 1, then cosine down to ``min_ratio`` at ``total``."""
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, time_progress: float = 0.0) -> float:
+    """Linear warmup from ~0 to 1, then cosine down to ``min_ratio`` at ``total``, or earlier where
+    ``time_progress`` (the spent fraction of a time budget) is further along than the steps."""
     if warmup > 0 and step < warmup:
         return max(1e-5, (step + 1) / warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -696,8 +700,9 @@ class Trainer:
         self.max_steps = int(args.max_steps)
         warmup = args.warmup_steps if args.warmup_steps is not None else int(round(args.warmup_ratio * self.max_steps))
         self.warmup = int(warmup)
+        self.time_progress = 0.0  # the spent fraction of the time budget, with --schedule-over-time
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, self.warmup, self.max_steps, args.min_lr_ratio)
+            self.optimizer, lambda s: lr_lambda(s, self.warmup, self.max_steps, args.min_lr_ratio, self.time_progress)
         )
         self.step = 0
         self.micro = 0
@@ -706,6 +711,8 @@ class Trainer:
         self.elapsed_before = 0.0
         if args.resume:
             self._resume(args.resume)
+            if args.schedule_over_time:
+                self.time_progress = self.elapsed_before / (args.time_budget_minutes * 60)
         if self.dist.main:
             n_params = sum(p.numel() for p in self.module.model.parameters())
             n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
@@ -837,8 +844,11 @@ class Trainer:
                        "elapsed_s": self.elapsed_before + time.time() - start, **avg}
                 self._record(rec)
                 window, counts, window_n, t_window = {}, {}, 0, time.time()
-            stop = self.stop_requested or (budget is not None and time.time() - start > budget)
-            stop = self.dist.any_true(stop)
+            spent = time.time() - start + (self.elapsed_before if a.schedule_over_time else 0.0)
+            flag, frac = self.dist.max([1.0 if self.stop_requested else 0.0, spent / budget if budget else 0.0])
+            if a.schedule_over_time:
+                self.time_progress = frac
+            stop = flag > 0 or frac > 1.0
             last = self.step == self.max_steps or stop
             t_pause = time.time()
             if a.eval_every and (self.step % a.eval_every == 0 or last):
@@ -1067,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--image-size must be positive")
     if args.data is None and args.manifest is None and not args.max_steps:
         raise SystemExit("--max-steps is required with ShapesRef (it is endless)")
+    if args.schedule_over_time and not args.time_budget_minutes:
+        raise SystemExit("--schedule-over-time needs --time-budget-minutes (the time the schedule runs over)")
     trainer = Trainer(args)
     trainer.run()
     return 0

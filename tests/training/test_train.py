@@ -87,6 +87,13 @@ def test_lr_schedule_warmup_then_cosine():
     assert train.lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+def test_lr_schedule_follows_the_spent_time_when_it_is_further_along_than_the_steps():
+    assert train.lr_lambda(20, 10, 1000, 0.0, time_progress=0.5) == pytest.approx(0.5)
+    assert train.lr_lambda(20, 10, 1000, 0.2, time_progress=1.7) == pytest.approx(0.2)  # clamped at the floor
+    assert train.lr_lambda(505, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # steps lead
+    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.9) == pytest.approx(0.5)  # warmup stays in steps
+
+
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
     from safetensors.torch import save_file
 
@@ -181,6 +188,25 @@ def test_outputs_eval_plots_time_budget_and_engine_load(tmp_path: Path):
     engine = PixelSailEngine.from_pretrained(out, device="cpu")
     res = engine.segment(np.zeros((40, 50, 3), np.uint8), text="red circle")
     assert res.masks.shape[1:] == (40, 50)
+
+
+def test_schedule_over_time_decays_the_lr_to_its_floor_within_the_budget(tmp_path: Path):
+    out = tmp_path / "run"
+    args = TINY + ["--max-steps", "100000", "--warmup-steps", "1", "--min-lr-ratio", "0.1", "--eval-every", "0",
+                   "--save-every", "0", "--time-budget-minutes", "0.25", "--schedule-over-time", "--output-dir", str(out)]
+    assert train.main(args) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    lrs = [r["lr"] for r in recs]
+    assert len(lrs) >= 4 and recs[-1]["step"] < 100000  # the time budget stopped it, long before --max-steps
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.15)  # at the floor (0.1 × 1e-3) as the time ran out
+    mid = lrs[len(lrs) // 2]
+    assert 1.2e-4 < mid < 1e-3  # on the way down in between, not a step at the end
+    assert all(b <= a * 1.0001 for a, b in zip(lrs[1:], lrs[2:]))  # monotone after the warmup
+
+
+def test_schedule_over_time_needs_a_time_budget():
+    with pytest.raises(SystemExit, match="needs --time-budget-minutes"):
+        train.main(TINY + ["--max-steps", "3", "--schedule-over-time", "--output-dir", "unused"])
 
 
 def test_manifest_finetune_end_to_end(tmp_path: Path):
