@@ -26,6 +26,9 @@ T0=$(date +%s)
 INIT=${INIT:-pixel_sail_ros/checkpoints/shapesref_tiny}
 BENCH_ARGS=${BENCH_ARGS:-}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
+TESTS=${TESTS:-tests/model}  # the pytest selection for step 1 (its CUDA-marked tests run)
+BENCH=${BENCH:-1}            # 0 skips step 2
+PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY=${PYTHON:-python3}
@@ -52,12 +55,18 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, GPU:
 EOF
 
 say "1. CUDA tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/model 2>&1 | tail -15 | tee -a "$LOG"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs $TESTS 2>&1 | tail -15 | tee -a "$LOG"
 
-say "2. model bench ($DEVICE)"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
-    --output "$OUT/bench_cuda.json" >/dev/null 2>>"$LOG" || say "bench failed or timed out"
+if [ "$BENCH" = 1 ]; then
+    say "2. model bench ($DEVICE)"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+    timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
+        --output "$OUT/bench_cuda.json" >/dev/null 2>>"$LOG" || say "bench failed or timed out"
+fi
+if [ "$PROFILE" = 1 ]; then
+    say "2b. profile of one segmentation request ($DEVICE)"
+    timeout 120 "$PY" scripts/profile_segment.py --device "$DEVICE" >"$OUT/profile.txt" 2>>"$LOG" || say "profile failed"
+fi
 
 if [ "$DEADLINE_S" -gt 0 ]; then
     TRAIN_MINUTES=$(awk "BEGIN { m = ($DEADLINE_S - ($(date +%s) - $T0) - 75) / 60; print (m > 0 ? m : 0) }")

@@ -178,7 +178,7 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device_arg == "auto":
             device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_arg == "cuda" and self.world > 1:
+        if device_arg == "cuda":  # an index, which set_device needs; under torchrun the local rank's GPU
             device_arg = f"cuda:{self.local_rank}"
         self.device = torch.device(device_arg)
         if self.device.type == "cuda":
