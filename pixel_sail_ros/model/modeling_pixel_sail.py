@@ -10,6 +10,7 @@ Module names follow the authors' code so that converting their checkpoint is a r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForImageTextToText, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -25,6 +27,12 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextMod
 from transformers.utils import ModelOutput
 
 from .configuration_pixel_sail import PixelSailConfig
+
+# The SDPA kernels the decoder may use on CUDA. cuDNN's fused attention (PyTorch's first choice on Hopper) builds
+# a graph for every new shape, reported at ~0.4 s each; here shapes change all the time (each image size, prompt
+# length and decode step; every training batch), so it is left out. The memory-efficient kernel takes the boolean
+# prefix mask; the math kernel is the fallback.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _DISTILL_KEYS = tuple(f"distill_{kind}_head.{p}" for kind in ("pixel", "token") for p in ("weight", "bias"))
 
@@ -424,13 +432,14 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             visual_prompt_features = self.pool_visual_prompts(embeds, visual_prompt_ids)
         if visual_prompt_features is not None:
             embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
-        decoded = self.model(
-            inputs_embeds=embeds,
-            attention_mask=self._backend_mask(attention_mask, embeds.dtype),
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
+        with sdpa_kernel(CUDA_SDPA_BACKENDS) if embeds.is_cuda else contextlib.nullcontext():
+            decoded = self.model(
+                inputs_embeds=embeds,
+                attention_mask=self._backend_mask(attention_mask, embeds.dtype),
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
         hidden = decoded.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 

@@ -51,6 +51,22 @@ def test_bf16_forward_on_the_gpu_matches_float32_on_the_cpu(model_factory, proce
         assert signs.float().mean() >= 0.97
 
 
+def test_the_decoder_avoids_cudnn_attention_which_rebuilds_per_shape(model_factory, processor, image_factory):
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = model_factory(8).to("cuda", torch.bfloat16)
+    ops: set[str] = set()
+    for size in [(64, 96), (112, 80)]:  # two sequence lengths, as a stream of requests has
+        sample = sample_for(processor, image_factory(*size), [Turn("red circle", SEG_ANSWER)])
+        inputs = processor.model_inputs(processor.collate([sample]))
+        inputs = {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda")) for k, v in inputs.items()}
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            gpu(**inputs)
+        ops |= {e.key for e in prof.key_averages()}
+    assert any("efficient_attention" in op or "flash_attention" in op for op in ops), sorted(ops)
+    assert not any("cudnn_attention" in op for op in ops)
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
