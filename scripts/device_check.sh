@@ -76,7 +76,7 @@ if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
     RUN=/tmp/pixel_sail_device_run
     rm -rf "$RUN"
     timeout $(( ${TRAIN_MINUTES%.*} * 60 + 150 )) "$PY" -m pixel_sail_ros.training.train --init "$INIT" --data shapesref \
-        --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps 150 \
+        --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps "${WARMUP:-100}" \
         --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent 0.35 --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
         --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --schedule-over-time --log-every 50 \
         --eval-every 0 --save-every 0 --no-progress \

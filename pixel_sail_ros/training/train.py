@@ -493,11 +493,15 @@ def _patch(model: nn.Module) -> int:
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, time_progress: float = 0.0) -> float:
     """Linear warmup from ~0 to 1, then cosine down to ``min_ratio`` at ``total``, or earlier where
-    ``time_progress`` (the spent fraction of a time budget) is further along than the steps."""
+    ``time_progress`` (the spent fraction of a time budget) is further along than the steps. The cosine of
+    the spent time also caps the warmup, so a slow run still ends at the floor."""
+
+    def cosine(progress: float) -> float:
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     if warmup > 0 and step < warmup:
-        return max(1e-5, (step + 1) / warmup)
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_progress))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(1e-5, min((step + 1) / warmup, cosine(time_progress)))
+    return cosine(max((step - warmup) / max(1, total - warmup), time_progress))
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ Everything is tiny (2 layers, 64-px images) and runs a handful of steps on one C
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,9 @@ def test_lr_schedule_follows_the_spent_time_when_it_is_further_along_than_the_st
     assert train.lr_lambda(20, 10, 1000, 0.0, time_progress=0.5) == pytest.approx(0.5)
     assert train.lr_lambda(20, 10, 1000, 0.2, time_progress=1.7) == pytest.approx(0.2)  # clamped at the floor
     assert train.lr_lambda(505, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # steps lead
-    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.9) == pytest.approx(0.5)  # warmup stays in steps
+    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # warmup in steps...
+    late = 0.5 * (1 + math.cos(math.pi * 0.9))
+    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.9) == pytest.approx(late)  # ...capped by the time
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
