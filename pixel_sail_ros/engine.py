@@ -2,7 +2,8 @@
 
 This is what the ROS node, the eval CLI and the benchmarks call. No ROS here. One request = one image prefix
 computed once (bidirectional, into a KV cache) and one short greedy answer per question, each answer starting
-from a copy of that cache.
+from a copy of that cache, or, with static decoding (opt-in), from one fixed-size cache rewound to the end
+of the prefix, its one-token steps optionally replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .model.modeling_pixel_sail import PixelSailAnswer, PixelSailForConditionalGeneration, PixelSailPrefix
+from .model.static_decoding import StaticDecoding
 from .model.processing_pixel_sail import (
     ImageInputs,
     PixelSailProcessor,
@@ -43,6 +45,9 @@ class SegmentationOutput:
     description: str = ""
     seconds: float = 0.0
     answers: list[str] = field(default_factory=list)  # the generated text of every turn, for logs
+
+
+DECODING_MODES = ("auto", "dynamic", "static", "graphs")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -88,9 +93,17 @@ class PixelSailEngine:
         processor: PixelSailProcessor,
         max_new_tokens: int = 32,
         mask_threshold: float = 0.5,
+        decoding: str = "auto",
     ) -> None:
+        """``decoding``: "dynamic" (a growing KV cache per answer), "static" (one fixed-size cache reused across
+        frames), "graphs" (static, each one-token step replayed from a CUDA graph: CUDA only), or "auto"
+        (dynamic, for now). All give the same answers; graphs are meant to remove most of the GPU's
+        kernel-launch overhead, and become the CUDA default once measured on a GPU (see README "Performance")."""
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
         self.model = model.eval()
         self.processor = processor
+        self.logits_processor: Any = None  # passed to generate_answer (the benchmarks script answers with it)
         self.max_new_tokens = max_new_tokens
         self.mask_threshold = mask_threshold
         config = model.config
@@ -98,6 +111,13 @@ class PixelSailEngine:
         # Per-request work that never changes: question token ids, and the prefix ids/positions/mask per grid.
         self._question_ids: OrderedDict[str, list[int]] = OrderedDict()
         self._prefix_statics: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+        on_cuda = self.device.type == "cuda"
+        if decoding == "graphs" and not on_cuda:
+            raise ValueError("decoding='graphs' needs the model on a CUDA device")
+        self.decoding = "dynamic" if decoding == "auto" else decoding
+        self._static: StaticDecoding | None = None
+        if self.decoding != "dynamic":
+            self._static = StaticDecoding(self.model, use_graphs=self.decoding == "graphs")
 
     @classmethod
     def from_pretrained(
@@ -108,6 +128,7 @@ class PixelSailEngine:
         *,
         max_new_tokens: int = 32,
         mask_threshold: float = 0.5,
+        decoding: str = "auto",
     ) -> PixelSailEngine:
         """Load a checkpoint directory (None = the bundled ShapesRef model) onto a device, in a dtype."""
         directory = Path(path) if path is not None else BUNDLED_CHECKPOINT
@@ -128,7 +149,7 @@ class PixelSailEngine:
         )
         model.to(torch_device)
         processor = PixelSailProcessor.from_pretrained(directory)
-        return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold)
+        return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, decoding=decoding)
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +163,7 @@ class PixelSailEngine:
         """Drop the model and cached tensors and return GPU memory (e.g. when a lifecycle node deactivates)."""
         on_cuda = self.device.type == "cuda"
         self._prefix_statics.clear()
+        self._static = None
         self.model = None  # type: ignore[assignment]
         if on_cuda:
             torch.cuda.empty_cache()
@@ -225,7 +247,8 @@ class PixelSailEngine:
             prompt_map = self.processor.visual_prompt_map(inputs.original_hw, inputs.grid_hw, prompts)
             visual_prompt_ids = self.processor.prefix_prompt_ids(inputs.grid_hw, prompt_map).view(1, -1).to(self.device)
         return self.model.prefill(
-            pixel_values=inputs.pixel_values.to(self.dtype).unsqueeze(0), visual_prompt_ids=visual_prompt_ids, **statics
+            pixel_values=inputs.pixel_values.to(self.dtype).unsqueeze(0), visual_prompt_ids=visual_prompt_ids,
+            decoding=self._static, **statics,
         )
 
     def _prefix_static_inputs(self, inputs: ImageInputs) -> dict[str, torch.Tensor]:
@@ -235,7 +258,8 @@ class PixelSailEngine:
     def _answer(self, prefix: PixelSailPrefix, question: str) -> PixelSailAnswer:
         ids = _cached(self._question_ids, question, lambda: self.processor.encode_question(question), 512)
         return self.model.generate_answer(
-            prefix, ids, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids
+            prefix, ids, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
+            logits_processor=self.logits_processor,
         )
 
     def _masks(

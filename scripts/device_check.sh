@@ -2,16 +2,16 @@
 # One prepared run for a machine with an NVIDIA GPU, with no network and its own python3 + torch (the
 # development workplace lends one to some sessions). In order, each step bounded in time:
 #   1. the CUDA tests (bf16/fp16 against float32, the GPU path really on the GPU);
-#   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768);
+#   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768), once per BENCH_DECODING mode;
 #   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, its learning rate on a cosine over
 #      that time (--schedule-over-time), then its held-out eval (EVAL_SAMPLES=0 skips it: evaluate on the CPU).
 #      With DEADLINE_S > 0, training gets whatever is left of that many seconds after steps 1-2 (minus a margin
 #      for start-up and saving), so the whole run ends inside one device call's limit.
-# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda.json, and with training eval.json,
+# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda_<mode>.json, and with training eval.json,
 # metrics.jsonl, config.json and the model split into model.safetensors.part-* (rejoin with `cat`).
 #
 # Pinned pure-python packages the machine lacks travel as wheels in .whl/ (`make device-wheels` fills it).
-# CPU dry run of the whole script (about a minute): DEVICE=cpu TRAIN_MINUTES=0.2 EVAL_SAMPLES=4 PYTHON=.venv/bin/python \
+# CPU dry run of the whole script (about a minute): DEVICE=cpu BENCH_DECODING="dynamic static" TRAIN_MINUTES=0.2 EVAL_SAMPLES=4 PYTHON=.venv/bin/python \
 #   BENCH_ARGS="--quick --presets tiny" bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
 TESTS=${TESTS:-tests/model}  # the pytest selection for step 1 (its CUDA-marked tests run)
 BENCH=${BENCH:-1}            # 0 skips step 2
+BENCH_DECODING=${BENCH_DECODING:-"dynamic graphs"}  # one bench JSON per decoding mode
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -58,10 +59,12 @@ say "1. CUDA tests"
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs $TESTS 2>&1 | tail -15 | tee -a "$LOG"
 
 if [ "$BENCH" = 1 ]; then
-    say "2. model bench ($DEVICE)"
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-    timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" $BENCH_ARGS \
-        --output "$OUT/bench_cuda.json" >/dev/null 2>>"$LOG" || say "bench failed or timed out"
+    for mode in $BENCH_DECODING; do
+        say "2. model bench ($DEVICE, decoding $mode)"
+        # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
+        timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" --decoding "$mode" $BENCH_ARGS \
+            --output "$OUT/bench_cuda_$mode.json" >/dev/null 2>>"$LOG" || say "bench ($mode) failed or timed out"
+    done
 fi
 if [ "$PROFILE" = 1 ]; then
     say "2b. profile of one segmentation request ($DEVICE)"

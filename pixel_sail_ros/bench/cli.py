@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype (default: auto = bf16 on CUDA, float32 on the CPU)")
+    p.add_argument("--decoding", default="auto", choices=("auto", "dynamic", "static", "graphs"),
+                   help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per model entry (default: by cost)")
     p.add_argument("--seconds", type=float, default=None,
@@ -95,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from . import model_bench
 
         doc["model"] = model_bench.run(presets=_presets(args.presets), model_path=args.model_path,
-                                       device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats)
+                                       device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
+                                       decoding=args.decoding)
     if args.suite in ("node", "all", "soak"):
         from pixel_sail_ros.ros import transport
 

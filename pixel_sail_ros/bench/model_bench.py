@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixel_sail_ros.model.static_decoding import StaticDecoding
+
 from . import flops
 from .scripted import ScriptedAnswers, fixed_answer
 from .stats import PeakRSS, percentile, rounded
@@ -101,8 +103,8 @@ class DecoderTimer:
             h.remove()
 
 
-def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None],
-                 decoder: Optional[DecoderTimer] = None) -> dict[str, float]:
+def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], script: ScriptedAnswers,
+                 decoder: Optional[DecoderTimer] = None, decoding: Optional[StaticDecoding] = None) -> dict[str, float]:
     """One referring-segmentation request through the model API; seconds per stage."""
     model, proc, dev = subject.model, subject.processor, subject.device
     sync()
@@ -114,13 +116,14 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None],
     t1 = time.perf_counter()
     if decoder is not None:
         decoder.armed = True
-    prefix = model.prefill(**batch)
+    prefix = model.prefill(**batch, decoding=decoding)
     sync()
     t2 = time.perf_counter()
     if decoder is not None:
         decoder.armed = False
     stops = (subject.config.eos_token_id, subject.config.im_end_token_id)
-    answer = model.generate_answer(prefix, subject.seg_question, max_new_tokens=32, stop_token_ids=stops)
+    answer = model.generate_answer(prefix, subject.seg_question, max_new_tokens=32, stop_token_ids=stops,
+                                   logits_processor=script)
     sync()
     t3 = time.perf_counter()
     masks = proc.postprocess_masks(answer.mask_logits, rgb.shape[:2], 0.5).cpu().numpy()
@@ -130,19 +133,20 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None],
     return {"preprocess": t1 - t0, "prefix": t2 - t1, "answer": t3 - t2, "postprocess": t4 - t3, "segment": t4 - t0}
 
 
-def describe_tokens_per_s(subject: Subject, rgb: np.ndarray, tokens: int, repeats: int,
-                          sync: Callable[[], None]) -> float:
+def describe_tokens_per_s(subject: Subject, rgb: np.ndarray, tokens: int, repeats: int, sync: Callable[[], None],
+                          script: ScriptedAnswers, decoding: Optional[StaticDecoding] = None) -> float:
     """Decode speed: (N−1) tokens ÷ (time for N − time for 1), so the question chunk and cache copy cancel."""
     model, proc, dev = subject.model, subject.processor, subject.device
     batch = proc.prefix_inputs(proc.preprocess_image(rgb, device=dev), None, device=dev)
     batch["pixel_values"] = batch["pixel_values"].to(subject.dtype)
-    prefix = model.prefill(**batch)
+    prefix = model.prefill(**batch, decoding=decoding)
     stops = (subject.config.eos_token_id, subject.config.im_end_token_id)
 
     def run(n: int) -> float:
         sync()
         t = time.perf_counter()
-        model.generate_answer(prefix, subject.describe_question, max_new_tokens=n, stop_token_ids=stops)
+        model.generate_answer(prefix, subject.describe_question, max_new_tokens=n, stop_token_ids=stops,
+                              logits_processor=script)
         sync()
         return time.perf_counter() - t
 
@@ -190,11 +194,13 @@ class MatmulProbe:
         return value
 
 
-def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int) -> list[float]:
+def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, script: ScriptedAnswers,
+                           decoding: str) -> list[float]:
     """engine.segment (what the node calls) with the same scripted answer; needs the real tokenizer."""
     from pixel_sail_ros.engine import PixelSailEngine
 
-    engine = PixelSailEngine(subject.model, subject.engine_processor)
+    engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding)
+    engine.logits_processor = script
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
@@ -205,15 +211,26 @@ def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int) -> l
     return times[1:]
 
 
-def run_case(subject: Subject, width: int, height: int, budget: Budget) -> dict[str, Any]:
+def resolve_decoding(decoding: str, device: torch.device) -> str:
+    """The engine's rule: "auto" is a dynamic cache (until CUDA graphs are measured on a GPU)."""
+    if decoding == "auto":
+        return "dynamic"
+    if decoding == "graphs" and device.type != "cuda":
+        raise ValueError("--decoding graphs needs CUDA")
+    return decoding
+
+
+def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto") -> dict[str, Any]:
     """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory."""
     dev, dtype, config = subject.device, subject.dtype, subject.config
+    mode = resolve_decoding(decoding, dev)
+    static = StaticDecoding(subject.model, use_graphs=mode == "graphs") if mode != "dynamic" else None
     sync = _sync(dev)
     rgb = bench_image(width, height)
     grid = subject.processor.grid_size(height, width)
     tokens = grid[0] * grid[1] + 2
     counts = flops.prefill_flops(config, grid)
-    script = fixed_answer(subject.seg_answer)  # every turn: "It is [SEG]." + stop
+    answer = fixed_answer(subject.seg_answer)  # every turn: "It is [SEG]." + stop
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -221,23 +238,22 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget) -> dict[
     probe = MatmulProbe(tokens, config.text_config.hidden_size, config.text_config.intermediate_size, dev, dtype,
                         budget.matmul_calls)
     with PeakRSS() as rss, torch.inference_mode():
-        with ScriptedAnswers(subject.model, script, config.im_start_token_id, subject.filler_id):
-            with DecoderTimer(subject.model, sync) as dec:
-                for i in range(budget.warmup + budget.repeats):
-                    r = segment_once(subject, rgb, sync, dec)
-                    if i >= budget.warmup:
-                        runs.append(r)
-                        probe.sample()
-                decoder_s = dec.seconds[budget.warmup:]
-        with ScriptedAnswers(subject.model, fixed_answer([]), config.im_start_token_id, subject.filler_id):
-            tps = describe_tokens_per_s(subject, rgb, budget.describe_tokens, budget.describe_repeats, sync)
+        script = ScriptedAnswers(answer, config.im_start_token_id, subject.filler_id)
+        with DecoderTimer(subject.model, sync) as dec:
+            for i in range(budget.warmup + budget.repeats):
+                r = segment_once(subject, rgb, sync, script, dec, static)
+                if i >= budget.warmup:
+                    runs.append(r)
+                    probe.sample()
+            decoder_s = dec.seconds[budget.warmup:]
+        filler = ScriptedAnswers(fixed_answer([]), config.im_start_token_id, subject.filler_id)
+        tps = describe_tokens_per_s(subject, rgb, budget.describe_tokens, budget.describe_repeats, sync, filler, static)
         engine_s: list[float] = []
         if subject.engine_processor is not None:
-            with ScriptedAnswers(subject.model, script, config.im_start_token_id, subject.filler_id):
-                try:
-                    engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2))
-                except Exception as exc:  # noqa: BLE001 - the engine is optional here; say why it is missing
-                    log.warning("engine.segment could not be benchmarked: %s: %s", type(exc).__name__, exc)
+            try:
+                engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2), script, mode)
+            except Exception as exc:  # noqa: BLE001 - the engine is optional here; say why it is missing
+                log.warning("engine.segment could not be benchmarked: %s: %s", type(exc).__name__, exc)
     mm = percentile(probe.gflops, 50)
     peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss.peak_mb
 
@@ -257,6 +273,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget) -> dict[
         "device": str(dev),
         "dtype": str(dtype).replace("torch.", ""),
         "attention": subject.model.model.config._attn_implementation,
+        "decoding": mode,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": len(runs),
         "preprocess_ms_p50": rounded(p("preprocess", 50)),
@@ -320,7 +337,8 @@ def _free(subject: Optional[Subject]) -> None:
 
 
 def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = None, device: str = "auto",
-        dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None) -> list[dict[str, Any]]:
+        dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None,
+        decoding: str = "auto") -> list[dict[str, Any]]:
     """The model suite: one entry per (preset, resolution, device), models loaded once per (preset, device)."""
     cases = plan_cases(presets, device, torch.cuda.is_available())
     entries: list[dict[str, Any]] = []
@@ -340,7 +358,7 @@ def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = N
         assert subject is not None
         budget = budget_for(case.preset, case.device, quick, repeats)
         t0 = time.perf_counter()
-        entry = run_case(subject, *case.resolution, budget)
+        entry = run_case(subject, *case.resolution, budget, decoding)
         log.info("%s %dx%d on %s: prefix p50 %.1f ms, segment p50 %.1f ms, efficiency %s (%.1f s)", case.preset,
                  *case.resolution, case.device, entry["prefix_ms_p50"], entry["segment_ms_p50"], entry["efficiency"],
                  time.perf_counter() - t0)

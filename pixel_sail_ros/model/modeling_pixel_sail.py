@@ -20,13 +20,14 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForImageTextToText, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForImageTextToText, DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 from transformers.utils import ModelOutput
 
 from .configuration_pixel_sail import PixelSailConfig
+from .static_decoding import StaticDecoding
 
 # The SDPA kernels the decoder may use on CUDA. cuDNN's fused attention (PyTorch's first choice on Hopper) builds
 # a graph for every new shape, reported at ~0.4 s each; here shapes change all the time (each image size, prompt
@@ -65,12 +66,14 @@ class PixelSailPrefix:
     small model's prefill.
     """
 
-    past_key_values: DynamicCache
+    past_key_values: Cache  # a DynamicCache, or StaticDecoding's cache
     vision_tokens: torch.Tensor  # (h, w, hidden) last-layer states of the <vpatch> tokens
     length: int  # tokens in the cache
     next_position: int  # first position id after </vision> (all three axes)
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     visual_prompt_features: torch.Tensor | None = None  # (1, K, hidden), only when config.pools_visual_prompts
+    decoding: StaticDecoding | None = field(default=None, repr=False)  # holder of the static cache, if any
+    decoding_generation: int = 0  # which of its prefills this is (a later one overwrites the cache)
     _pixel_features: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -282,7 +285,11 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         return embeds
 
     def _prompt_token_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.config.prompt_token_ids[: self.config.num_visual_prompts], device=device)
+        """The ``<Prompt k>`` token ids on ``device``, made once (a copy from the host cannot be graph-captured)."""
+        made = self.__dict__.setdefault("_prompt_tokens_by_device", {})
+        if device not in made:
+            made[device] = torch.tensor(self.config.prompt_token_ids[: self.config.num_visual_prompts], device=device)
+        return made[device]
 
     def pool_visual_prompts(self, embeds: torch.Tensor, visual_prompt_ids: torch.Tensor) -> torch.Tensor:
         """(B, K, hidden): the mean input embedding of the patches each prompt k covers (zeros if none).
@@ -409,21 +416,25 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 ``<Prompt k>`` tokens (only models that pool prompts: ``config.pools_visual_prompts``).
         """
         batch, length = input_ids.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        static = isinstance(past_key_values, StaticCache)  # a prefill into StaticDecoding's cache
+        past = 0 if past_key_values is None or static else past_key_values.get_seq_length()
+        kv_length = past_key_values.get_max_length() if static else past + length
         is_patch = input_ids == self.config.vision_patch_token_id
         has_image = bool(is_patch.any())
         if position_ids is None or attention_mask is None:
-            if has_image:
-                raise ValueError("position_ids and attention_mask are required with image tokens (use the processor)")
+            if has_image or static:
+                raise ValueError(
+                    "position_ids and attention_mask are required with image tokens or a static cache (use the processor)"
+                )
             if position_ids is None:
                 position_ids = _text_positions(batch, length, past, input_ids.device)
             if attention_mask is None:
                 attention_mask = _causal_mask(batch, length, past, input_ids.device)
         if position_ids.shape != (3, batch, length):
             raise ValueError(f"position_ids must be (3, {batch}, {length}), got {tuple(position_ids.shape)}")
-        if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, length, past + length):
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, length, kv_length):
             raise ValueError(
-                f"attention_mask must be bool (B, 1, L, past+L) = ({batch}, 1, {length}, {past + length}), "
+                f"attention_mask must be bool (B, 1, L, past+L) = ({batch}, 1, {length}, {kv_length}), "
                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
             )
 
@@ -471,6 +482,31 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
 
     # ---- inference -------------------------------------------------------------------------------------
 
+    def text_step(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        cache: Cache,
+        visual_prompt_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder pass over text tokens after a cached prefix: (hidden (B, L, C), last logits (B, 1, V)).
+
+        ``forward`` without its checks and image handling: nothing here waits for the GPU, so a CUDA graph can
+        record it (:class:`~.static_decoding.StaticDecoding`).
+        """
+        embeds = self.model.embed_tokens(input_ids)
+        if visual_prompt_features is not None:
+            embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
+        mask = self._backend_mask(attention_mask, embeds.dtype)
+        masks = {kind: mask for kind in set(self.config.text_config.layer_types)}  # as built: no mask re-derivation
+        with sdpa_kernel(CUDA_SDPA_BACKENDS) if embeds.is_cuda else contextlib.nullcontext():
+            decoded = self.model(
+                inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids, past_key_values=cache, use_cache=True
+            )
+        hidden = decoded.last_hidden_state
+        return hidden, self.lm_head(hidden[:, -1:])
+
     @torch.no_grad()
     def prefill(
         self,
@@ -480,11 +516,22 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         visual_prompt_ids: torch.LongTensor | None = None,
+        decoding: StaticDecoding | None = None,
     ) -> PixelSailPrefix:
-        """Run one image prefix (batch 1, <vision>…</vision>, bidirectional) into a fresh KV cache."""
+        """Run one image prefix (batch 1, <vision>…</vision>, bidirectional) into a fresh KV cache.
+
+        With ``decoding``, the prefix goes into its reusable static cache (and answers decode there, on CUDA
+        from a graph); that cache holds one prefix at a time, so a later prefill retires this one.
+        """
         if input_ids.shape[0] != 1:
             raise ValueError("prefill takes one image (batch size 1)")
-        cache = DynamicCache(config=self.config.text_config)
+        length = input_ids.shape[1]
+        if decoding is None:
+            cache = DynamicCache(config=self.config.text_config)
+        else:
+            cache = decoding.cache_for_prefill(length)
+            padding = attention_mask.new_zeros(1, 1, length, decoding.max_len - length)
+            attention_mask = torch.cat([attention_mask, padding], dim=-1)
         out = self(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -507,11 +554,47 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         return PixelSailPrefix(
             past_key_values=out.past_key_values,
             vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
-            length=input_ids.shape[1],
+            length=length,
             next_position=int(position_ids.max()) + 1,
             decoder=partial(self.decode_pixel_features, patches=self._skip_patches(pixel_values, [0], h, w)),
             visual_prompt_features=out.visual_prompt_features,
+            decoding=decoding,
+            decoding_generation=decoding.begin_prefix() if decoding is not None else 0,
         )
+
+    def _answer_steps(
+        self, prefix: PixelSailPrefix, new_tokens: int
+    ) -> Callable[[list[int], int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """``step(token_ids, past, position) → (hidden (q, C), last logits (V,))`` for one answer after ``prefix``.
+
+        On the prefix's static cache when it has one and room for ``new_tokens`` more (rewound: the prefix is
+        kept, no copy), else on a private dynamic copy of the prefix cache.
+        """
+        decoding = prefix.decoding
+        if decoding is not None:
+            if decoding.generation != prefix.decoding_generation:
+                raise ValueError("this prefix's static cache now holds a later prefill; prefill the image again")
+            if prefix.length + new_tokens <= decoding.max_len:
+                decoding.rewind(prefix.length)
+                return partial(decoding.run, visual_prompt_features=prefix.visual_prompt_features)
+        cache = _dynamic_copy(prefix.past_key_values, prefix.length, self.config.text_config)
+        device = prefix.vision_tokens.device
+
+        def step(token_ids: list[int], past: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+            q = len(token_ids)
+            out = self(
+                input_ids=torch.tensor([token_ids], device=device),
+                position_ids=_text_positions(1, q, position, device),
+                attention_mask=_causal_mask(1, q, past, device),
+                past_key_values=cache,
+                use_cache=True,
+                output_mask_logits=False,
+                logits_to_keep=1,
+                visual_prompt_features=prefix.visual_prompt_features,
+            )
+            return out.last_hidden_state[0], out.logits[0, -1]
+
+        return step
 
     @torch.no_grad()
     def generate_answer(
@@ -522,6 +605,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         stop_token_ids: Sequence[int] | None = None,
         answer_prefix_ids: Sequence[int] | None = None,
         return_logits: bool = False,
+        logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
     ) -> PixelSailAnswer:
         """Greedy-decode one turn after an image prefix; the prefix cache is copied, never modified.
 
@@ -529,6 +613,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         optionally forces the start of the answer (e.g. "It is [SEG]" to always get a mask). Positions continue
         from ``prefix.next_position`` on all three axes; each [SEG] of the answer is embedded from the hidden
         state of the step that reads it. ``step_logits`` are the logits of each free (not forced) choice.
+        ``logits_processor(fed_token_ids, logits)`` may change each step's last logits (V,) before the choice
+        (the benchmarks script a random model's answers with it); it is called once per decoder pass.
         """
         device = prefix.vision_tokens.device
         if stop_token_ids is None:
@@ -540,7 +626,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             raise ValueError("prompt_ids is empty")
         tokens = [int(t) for t in (answer_prefix_ids if answer_prefix_ids is not None else ())]
         chunk, answer_start = prompt + tokens, len(prompt)
-        cache = copy.deepcopy(prefix.past_key_values)
+        step = self._answer_steps(prefix, len(chunk) + max_new_tokens + 1)
         past, position = prefix.length, prefix.next_position
         seg_states: list[torch.Tensor] = []
         seg_probs = [torch.ones((), device=device) for t in tokens if t == seg_id]
@@ -548,23 +634,17 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         new_tokens, stopped = 0, False
         while True:
             q = len(chunk)
-            out = self(
-                input_ids=torch.tensor([chunk], device=device),
-                position_ids=_text_positions(1, q, position, device),
-                attention_mask=_causal_mask(1, q, past, device),
-                past_key_values=cache,
-                use_cache=True,
-                output_mask_logits=False,
-                logits_to_keep=1,
-                visual_prompt_features=prefix.visual_prompt_features,
-            )
+            hidden, last_logits = step(chunk, past, position)
+            if logits_processor is not None:
+                last_logits = logits_processor(chunk, last_logits)
             past, position = past + q, position + q
-            seg_states += [out.last_hidden_state[0, i] for i in range(answer_start, q) if chunk[i] == seg_id]
+            # clones: a graph-replayed step's outputs are overwritten by the next step
+            seg_states += [hidden[i].clone() for i in range(answer_start, q) if chunk[i] == seg_id]
             if new_tokens >= max_new_tokens:
                 break
-            logits = out.logits[0, -1].float()
+            logits = last_logits.float()
             if return_logits:
-                step_logits.append(logits)
+                step_logits.append(logits.clone())
             next_id = int(logits.argmax())
             if next_id in stops:
                 stopped = True
@@ -595,6 +675,16 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             stopped=stopped,
             step_logits=torch.stack(step_logits) if step_logits else None,
         )
+
+
+def _dynamic_copy(cache: Cache, length: int, config: PretrainedConfig) -> DynamicCache:
+    """A DynamicCache holding the first ``length`` entries of every layer of ``cache``."""
+    if isinstance(cache, DynamicCache):
+        return copy.deepcopy(cache)
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), i)
+    return out
 
 
 def _text_positions(batch: int, length: int, start: int, device: torch.device) -> torch.Tensor:

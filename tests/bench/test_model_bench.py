@@ -87,12 +87,12 @@ def test_scripted_answers_make_a_random_model_say_it_is_seg() -> None:
     question = processor.encode_question(refer_seg_question("red circle"))
     with torch.inference_mode():
         prefix = _tiny_prefix(model, processor)
-        with ScriptedAnswers(model, fixed_answer(answer_ids), cfg.im_start_token_id, filler_id=answer_ids[0]) as s:
-            answer = model.generate_answer(prefix, question, max_new_tokens=32)
+        s = ScriptedAnswers(fixed_answer(answer_ids), cfg.im_start_token_id, filler_id=answer_ids[0])
+        answer = model.generate_answer(prefix, question, max_new_tokens=32, logits_processor=s)
         assert answer.token_ids == answer_ids[:-1] and answer.stopped
         assert answer.mask_logits.shape[0] == 1
         assert s.steps == len(answer_ids)  # the question chunk + one forward per fed token
-        # the hook is gone afterwards: the random model no longer follows the script
+        # without it, the random model does not follow the script
         free = model.generate_answer(prefix, question, max_new_tokens=4, stop_token_ids=[])
         assert free.token_ids != answer_ids[:4]
 
