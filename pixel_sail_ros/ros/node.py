@@ -239,7 +239,7 @@ class PixelSailNode(LifecycleNode):
 
             torch.set_num_threads(self.p("num_threads"))
         t0 = time.monotonic()
-        engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"))
+        engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"), decoding=self.p("decoding"))
         self._engine = engine
         self._device_desc = f"{engine.device} ({str(engine.dtype).replace('torch.', '')})"
         self._model_desc = path or "bundled shapesref_tiny"

@@ -99,7 +99,8 @@ def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -
     ({"device": "banana"}, "device must be auto, cpu, cuda or cuda:N"),
     ({"device": "cuda:3"}, "CUDA is not available"),
     ({"dtype": "float64"}, "dtype"),
-], ids=["bad-device", "absent-gpu", "bad-dtype"])
+    ({"device": "cpu", "decoding": "graphs"}, "decoding='graphs' needs the model on a CUDA device"),
+], ids=["bad-device", "absent-gpu", "bad-dtype", "graphs-on-cpu"])
 def test_bad_configuration_fails_configure_with_a_clear_message(model_dir: str, params: dict, needle: str) -> None:
     proc = NodeProcess(_ns(), {"model_path": model_dir, **params})
     try:
