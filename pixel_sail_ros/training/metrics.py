@@ -125,6 +125,8 @@ class MetricAccumulator:
         self.n_present_found = 0  # ... answered with a non-empty mask
         self.n_desc = 0
         self.n_desc_correct = 0
+        self.n_desc_color = 0  # ... whose colour word alone is right (what fails more often: colour or shape?)
+        self.n_desc_shape = 0  # ... whose shape word alone is right
 
     def add_segmentation(self, pred: Any, gt: Any | None) -> float:
         """Add one referring/click segmentation sample (gt None or empty = absent target); returns its IoU."""
@@ -146,8 +148,11 @@ class MetricAccumulator:
     def add_description(self, text: str, target: Any) -> bool:
         """Add one description sample; returns whether it was right."""
         ok = description_correct(text, target)
+        color, shape = _color_shape(target)
         self.n_desc += 1
         self.n_desc_correct += int(ok)
+        self.n_desc_color += int(_words(text, COLOR_WORDS) == {color})
+        self.n_desc_shape += int(_words(text, SHAPE_WORDS) == {shape})
         return ok
 
     def merge(self, other: MetricAccumulator) -> MetricAccumulator:
@@ -165,6 +170,8 @@ class MetricAccumulator:
             "no_target_accuracy": ratio(self.n_absent_correct, self.n_absent),
             "target_found_accuracy": ratio(self.n_present_found, self.n_present),
             "description_accuracy": ratio(self.n_desc_correct, self.n_desc),
+            "description_color_accuracy": ratio(self.n_desc_color, self.n_desc),
+            "description_shape_accuracy": ratio(self.n_desc_shape, self.n_desc),
             "n_segmentation": self.n_seg,
             "n_no_target": self.n_absent,
             "n_description": self.n_desc,

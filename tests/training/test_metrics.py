@@ -102,6 +102,7 @@ def test_accumulator_matches_functions_and_merges():
     assert result["giou"] == pytest.approx(m.giou(preds, gts))
     assert result["no_target_accuracy"] == pytest.approx(m.no_target_accuracy([not p.any() for p in preds], gt_empty))
     assert result["description_accuracy"] == 0.5
+    assert result["description_color_accuracy"] == 1.0 and result["description_shape_accuracy"] == 0.5
     assert result["n_segmentation"] == 12 and result["n_description"] == 2
     assert result["n_no_target"] == sum(gt_empty)
 
