@@ -146,6 +146,10 @@ def test_service_segments_referring_expressions(segment, reference, quality_mode
             else:
                 pred = mono8_mask(res.objects[0].mask) if res.objects else np.zeros(frame.rgb.shape[:2], bool)
                 ious.append(iou(pred, frame.masks[expr.target]))
+    # Against ground truth, always: the undertrained bundled model already finds most present targets on these
+    # frames (stage 4: mean IoU 0.69; a mask on the wrong object scores ~0). The stricter bars wait for the
+    # issue-4 targets.
+    assert np.mean(ious) >= 0.5, f"mean IoU {np.mean(ious):.2f} over {len(ious)} expressions: {ious}"
     if quality_model:
         assert np.mean(ious) >= 0.6, f"mean IoU {np.mean(ious):.2f} over {len(ious)} expressions: {ious}"
         assert absent_ok >= absent_n - 1, f"{absent_ok}/{absent_n} absent targets answered with no mask"
