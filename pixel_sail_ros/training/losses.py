@@ -238,7 +238,10 @@ def seg_query_attribute_loss(probe: AttributeProbe, seg_embeddings: Sequence[Ten
     """
     if seg_masks is None:
         return None
-    terms = []
+    # Vectorised over the queries of a sample and free of host syncs but one: on a GPU, a per-mask loop that
+    # asks the device for each mask's class stalls the step hundreds of times.
+    total: Tensor | None = None
+    count: Tensor | None = None
     for emb, masks, t in zip(seg_embeddings, seg_masks, targets):
         if emb is None or masks is None or t is None or emb.shape[0] == 0:
             continue
@@ -246,19 +249,23 @@ def seg_query_attribute_loss(probe: AttributeProbe, seg_embeddings: Sequence[Ten
         masks = masks.to(emb.device)
         if masks.shape[-2:] != t.shape[-2:]:
             continue
-        for q in range(min(emb.shape[0], masks.shape[0])):
-            on = masks[q].bool()
-            if not on.any():
-                continue
-            logits = probe(emb[q].float()[None, :, None, None])
-            for a, lg in enumerate(logits):
-                cls = torch.mode(t[a][on].long()).values
-                if int(cls) == 0:  # the mask lies on background only (e.g. a wholly hidden object)
-                    continue
-                terms.append(F.cross_entropy(lg.reshape(1, -1), cls.reshape(1)))
-    if not terms:
+        n = min(emb.shape[0], masks.shape[0])
+        on = masks[:n].flatten(1).float()  # (n, H·W)
+        for logits, classes in zip(probe(emb[:n].float()[:, :, None, None]), t):
+            c = logits.shape[1]
+            flat = classes.flatten().long()
+            # (H·W, c) one-hot by comparison (F.one_hot checks its input's range on the host); ignored pixels
+            # (-100) match no class, so they vote for nothing
+            votes = (flat[:, None] == torch.arange(c, device=flat.device)).float()
+            tally = on @ votes  # (n, c): pixels of each class under each query's mask
+            cls = tally.argmax(dim=1)  # the most common class (ties: the smallest id, as torch.mode)
+            keep = (tally.sum(dim=1) > 0) & (cls != 0)  # an empty mask, or one on background only, teaches nothing
+            ce = F.cross_entropy(logits.reshape(n, c), cls, reduction="none")
+            part, kept = (ce * keep).sum(), keep.sum()
+            total, count = (part, kept) if total is None else (total + part, count + kept)
+    if count is None or int(count) == 0:
         return None
-    return torch.stack(terms).mean()
+    return total / count
 
 
 # ------------------------------------------------------------------------------------------ combined

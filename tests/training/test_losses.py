@@ -177,3 +177,48 @@ def test_seg_query_attribute_loss_reads_the_target_class_under_its_mask() -> Non
     emb = right.clone().requires_grad_(True)
     seg_query_attribute_loss(probe, [emb], [mask_top], [targets * 0 + 2]).backward()
     assert emb.grad is not None and emb.grad[0, 1] < 0  # pushes the query towards class 2's direction
+
+
+def _seg_query_attribute_loss_reference(probe, seg_embeddings, seg_masks, targets):
+    """The definition, one mask and one attribute at a time: mean CE against the mode class under each mask."""
+    import torch
+    import torch.nn.functional as F
+
+    terms = []
+    for emb, masks, t in zip(seg_embeddings, seg_masks, targets):
+        for q in range(min(emb.shape[0], masks.shape[0])):
+            on = masks[q].bool()
+            if not on.any():
+                continue
+            for a, lg in enumerate(probe(emb[q].float()[None, :, None, None])):
+                values = t[a][on].long()
+                values = values[(values >= 0) & (values < lg.shape[1])]
+                if values.numel() == 0 or int(torch.mode(values).values) == 0:
+                    continue
+                terms.append(F.cross_entropy(lg.reshape(1, -1), torch.mode(values).values.reshape(1)))
+    return torch.stack(terms).mean() if terms else None
+
+
+def test_seg_query_attribute_loss_equals_its_per_mask_definition_on_random_batches() -> None:
+    import torch
+
+    from pixel_sail_ros.training.losses import AttributeProbe, seg_query_attribute_loss
+
+    gen = torch.Generator().manual_seed(3)
+    probe = AttributeProbe(8, (4, 7, 3))
+    for trial in range(5):
+        embs, masks, targets = [], [], []
+        for _ in range(3):
+            n = int(torch.randint(1, 5, (1,), generator=gen))
+            embs.append(torch.randn(n, 8, generator=gen))
+            m = torch.rand(n, 9, 11, generator=gen) < 0.3
+            m[0] = False if trial % 2 else m[0]  # some queries with an empty mask
+            masks.append(m)
+            t = torch.stack([torch.randint(0, c, (9, 11), generator=gen) for c in (4, 7, 3)])
+            t[1, :4] = 0  # background-heavy rows for one attribute
+            targets.append(t)
+        got = seg_query_attribute_loss(probe, embs, masks, targets)
+        want = _seg_query_attribute_loss_reference(probe, embs, masks, targets)
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
