@@ -829,10 +829,14 @@ class Trainer:
         window: dict[str, float] = {}
         counts: dict[str, int] = {}
         window_n = 0
+        data_wait = 0.0  # seconds this window spent waiting for batches (data-bound when near the window's length)
         t_window = time.time()
         images_per_step = a.batch_size * a.grad_accum * self.dist.world
         while self.step < self.max_steps:
-            parts = self.train_step([next(loader) for _ in range(a.grad_accum)])
+            t_data = time.time()
+            batches = [next(loader) for _ in range(a.grad_accum)]
+            data_wait += time.time() - t_data
+            parts = self.train_step(batches)
             for k, v in parts.items():
                 window[k] = window.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -845,9 +849,10 @@ class Trainer:
                 dt = time.time() - t_window
                 rec = {"type": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
                        "images_per_s": window_n * images_per_step / max(dt, 1e-9),
+                       "data_wait_frac": min(1.0, data_wait / max(dt, 1e-9)),
                        "elapsed_s": self.elapsed_before + time.time() - start, **avg}
                 self._record(rec)
-                window, counts, window_n, t_window = {}, {}, 0, time.time()
+                window, counts, window_n, data_wait, t_window = {}, {}, 0, 0.0, time.time()
             spent = time.time() - start + (self.elapsed_before if a.schedule_over_time else 0.0)
             flag, frac = self.dist.max([1.0 if self.stop_requested else 0.0, spent / budget if budget else 0.0])
             if a.schedule_over_time:

@@ -205,6 +205,8 @@ def test_schedule_over_time_decays_the_lr_to_its_floor_within_the_budget(tmp_pat
     mid = lrs[len(lrs) // 2]
     assert 1.2e-4 < mid < 1e-3  # on the way down in between, not a step at the end
     assert all(b <= a * 1.0001 for a, b in zip(lrs[1:], lrs[2:]))  # monotone after the warmup
+    # without data workers, every batch is drawn in the training process: part of each window waits for data
+    assert all(0.0 < r["data_wait_frac"] < 1.0 for r in recs)
 
 
 def test_schedule_over_time_needs_a_time_budget():
