@@ -582,17 +582,11 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
 
         def step(token_ids: list[int], past: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
             q = len(token_ids)
-            out = self(
-                input_ids=torch.tensor([token_ids], device=device),
-                position_ids=_text_positions(1, q, position, device),
-                attention_mask=_causal_mask(1, q, past, device),
-                past_key_values=cache,
-                use_cache=True,
-                output_mask_logits=False,
-                logits_to_keep=1,
-                visual_prompt_features=prefix.visual_prompt_features,
+            hidden, logits = self.text_step(
+                torch.tensor([token_ids], device=device), _text_positions(1, q, position, device),
+                _causal_mask(1, q, past, device), cache, prefix.visual_prompt_features,
             )
-            return out.last_hidden_state[0], out.logits[0, -1]
+            return hidden[0], logits[0, -1]
 
         return step
 
@@ -607,7 +601,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         return_logits: bool = False,
         logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
     ) -> PixelSailAnswer:
-        """Greedy-decode one turn after an image prefix; the prefix cache is copied, never modified.
+        """Greedy-decode one turn after an image prefix; the prefix's own cache entries are never changed (the
+        answer decodes on a copy, or on the static cache past them).
 
         ``prompt_ids`` is the turn's question (``<|im_start|>user\n…<|im_end|>\n``); ``answer_prefix_ids``
         optionally forces the start of the answer (e.g. "It is [SEG]" to always get a mask). Positions continue
