@@ -50,6 +50,16 @@ class SegmentationOutput:
 DECODING_MODES = ("auto", "dynamic", "static", "graphs")
 
 
+def resolve_decoding(decoding: str, device: torch.device) -> str:
+    """The decoding mode an engine on ``device`` uses: "auto" is the dynamic cache (until CUDA graphs are
+    measured on a GPU); "graphs" needs CUDA."""
+    if decoding not in DECODING_MODES:
+        raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
+    if decoding == "graphs" and device.type != "cuda":
+        raise ValueError("decoding='graphs' needs the model on a CUDA device")
+    return "dynamic" if decoding == "auto" else decoding
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" → the first CUDA GPU if there is one, else the CPU; "cuda[:N]" must exist."""
     name = str(device)
@@ -99,8 +109,6 @@ class PixelSailEngine:
         frames), "graphs" (static, each one-token step replayed from a CUDA graph: CUDA only), or "auto"
         (dynamic, for now). All give the same answers; graphs are meant to remove most of the GPU's
         kernel-launch overhead, and become the CUDA default once measured on a GPU (see README "Performance")."""
-        if decoding not in DECODING_MODES:
-            raise ValueError(f"decoding must be one of {DECODING_MODES}, got {decoding!r}")
         self.model = model.eval()
         self.processor = processor
         self.logits_processor: Any = None  # passed to generate_answer (the benchmarks script answers with it)
@@ -111,10 +119,7 @@ class PixelSailEngine:
         # Per-request work that never changes: question token ids, and the prefix ids/positions/mask per grid.
         self._question_ids: OrderedDict[str, list[int]] = OrderedDict()
         self._prefix_statics: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
-        on_cuda = self.device.type == "cuda"
-        if decoding == "graphs" and not on_cuda:
-            raise ValueError("decoding='graphs' needs the model on a CUDA device")
-        self.decoding = "dynamic" if decoding == "auto" else decoding
+        self.decoding = resolve_decoding(decoding, self.device)
         self._static: StaticDecoding | None = None
         if self.decoding != "dynamic":
             self._static = StaticDecoding(self.model, use_graphs=self.decoding == "graphs")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixel_sail_ros.engine import PixelSailEngine, resolve_decoding
 from pixel_sail_ros.model.static_decoding import StaticDecoding
 
 from . import flops
@@ -197,8 +198,6 @@ class MatmulProbe:
 def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, script: ScriptedAnswers,
                            decoding: str) -> list[float]:
     """engine.segment (what the node calls) with the same scripted answer; needs the real tokenizer."""
-    from pixel_sail_ros.engine import PixelSailEngine
-
     engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding)
     engine.logits_processor = script
     times = []
@@ -209,15 +208,6 @@ def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, scri
         if len(out.masks) != 1:
             raise RuntimeError(f"engine.segment gave {len(out.masks)} masks with a scripted [SEG] answer")
     return times[1:]
-
-
-def resolve_decoding(decoding: str, device: torch.device) -> str:
-    """The engine's rule: "auto" is a dynamic cache (until CUDA graphs are measured on a GPU)."""
-    if decoding == "auto":
-        return "dynamic"
-    if decoding == "graphs" and device.type != "cuda":
-        raise ValueError("--decoding graphs needs CUDA")
-    return decoding
 
 
 def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto") -> dict[str, Any]:

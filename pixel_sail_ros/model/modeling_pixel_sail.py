@@ -35,6 +35,11 @@ from .static_decoding import StaticDecoding
 # prefix mask; the math kernel is the fallback.
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+
+def _attention_kernels(embeds: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The decoder's SDPA kernel choice for tensors like ``embeds`` (CUDA_SDPA_BACKENDS on CUDA)."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if embeds.is_cuda else contextlib.nullcontext()
+
 _DISTILL_KEYS = tuple(f"distill_{kind}_head.{p}" for kind in ("pixel", "token") for p in ("weight", "bias"))
 
 
@@ -443,7 +448,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             visual_prompt_features = self.pool_visual_prompts(embeds, visual_prompt_ids)
         if visual_prompt_features is not None:
             embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
-        with sdpa_kernel(CUDA_SDPA_BACKENDS) if embeds.is_cuda else contextlib.nullcontext():
+        with _attention_kernels(embeds):
             decoded = self.model(
                 inputs_embeds=embeds,
                 attention_mask=self._backend_mask(attention_mask, embeds.dtype),
@@ -500,12 +505,29 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
         mask = self._backend_mask(attention_mask, embeds.dtype)
         masks = {kind: mask for kind in set(self.config.text_config.layer_types)}  # as built: no mask re-derivation
-        with sdpa_kernel(CUDA_SDPA_BACKENDS) if embeds.is_cuda else contextlib.nullcontext():
+        with _attention_kernels(embeds):
             decoded = self.model(
                 inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids, past_key_values=cache, use_cache=True
             )
         hidden = decoded.last_hidden_state
         return hidden, self.lm_head(hidden[:, -1:])
+
+    def decode_tokens(
+        self,
+        token_ids: list[int],
+        position: int,
+        attention_mask: torch.Tensor,
+        cache: Cache,
+        visual_prompt_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_step`` on text tokens from position id ``position`` on: (hidden (q, C), last logits (V,))."""
+        device = self.lm_head.weight.device
+        q = len(token_ids)
+        hidden, logits = self.text_step(
+            torch.tensor([token_ids], device=device), _text_positions(1, q, position, device), attention_mask, cache,
+            visual_prompt_features,
+        )
+        return hidden[0], logits[0, -1]
 
     @torch.no_grad()
     def prefill(
@@ -581,12 +603,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         device = prefix.vision_tokens.device
 
         def step(token_ids: list[int], past: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-            q = len(token_ids)
-            hidden, logits = self.text_step(
-                torch.tensor([token_ids], device=device), _text_positions(1, q, position, device),
-                _causal_mask(1, q, past, device), cache, prefix.visual_prompt_features,
-            )
-            return hidden[0], logits[0, -1]
+            mask = _causal_mask(1, len(token_ids), past, device)
+            return self.decode_tokens(token_ids, position, mask, cache, prefix.visual_prompt_features)
 
         return step
 

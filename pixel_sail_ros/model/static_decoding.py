@@ -99,11 +99,8 @@ class StaticDecoding:
         """
         if len(token_ids) == 1 and self.use_graphs:
             return self._replay(token_ids[0], past, position, visual_prompt_features)
-        q = len(token_ids)
-        ids = torch.tensor([token_ids], device=self.device)
-        positions = (torch.arange(q, device=self.device) + position).view(1, 1, q).expand(3, 1, q)
-        hidden, logits = self.model.text_step(ids, positions, self.mask(q, past), self.cache, visual_prompt_features)
-        return hidden[0], logits[0, -1]
+        mask = self.mask(len(token_ids), past)
+        return self.model.decode_tokens(token_ids, position, mask, self.cache, visual_prompt_features)
 
     def _replay(
         self, token_id: int, past: int, position: int, visual_prompt_features: torch.Tensor | None
