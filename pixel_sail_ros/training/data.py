@@ -219,19 +219,25 @@ class ShapesRefDataset(Dataset):
         prompted = list(by_object.values())
         seqs = ([SequenceSpec(plain)] if plain else []) + pack_prompted(self.processor, hw, prompted, self.max_prompts)
         if self.aux_targets:
-            aux = attribute_maps(scene)
+            aux = attribute_maps(scene, instances=True)
             for s in seqs:
                 s.aux_targets = aux
         return ImageItem(scene.image, seqs, key, self.is_flipped(key))
 
 
-def attribute_maps(scene: sr.Scene) -> np.ndarray:
-    """(3, H, W) uint8 colour / shape / size class per pixel (0 = background), later objects on top."""
-    out = np.zeros((len(AUX_ATTRIBUTES), scene.height, scene.width), np.uint8)
-    for obj in scene.objects:
+def attribute_maps(scene: sr.Scene, instances: bool = False) -> np.ndarray:
+    """(3, H, W) uint8 colour / shape / size class per pixel (0 = background), later objects on top.
+
+    ``instances`` adds a fourth map: which object each pixel shows (1 + its index, 0 = background), for the
+    per-object loss (:func:`.losses.object_attribute_loss`); two objects may share all three attributes.
+    """
+    out = np.zeros((len(AUX_ATTRIBUTES) + int(instances), scene.height, scene.width), np.uint8)
+    for i, obj in enumerate(scene.objects):
         for a, (name, values) in enumerate(AUX_ATTRIBUTES.items()):
             value = {"colour": obj.color, "shape": obj.shape, "size": obj.size}[name]
             out[a][obj.mask] = 1 + values.index(value)
+        if instances:
+            out[-1][obj.mask] = 1 + i
     return out
 
 

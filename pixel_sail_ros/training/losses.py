@@ -38,6 +38,7 @@ class LossWeights:
     dice: float = 0.5
     distill: float = 0.5
     aux: float = 1.0
+    aux_object: float = 0.0
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
@@ -220,7 +221,7 @@ def aux_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor], targets: 
         t = t.to(f.device)
         if t.shape[-2:] != f.shape[-2:]:
             t = F.interpolate(t[None].float(), size=f.shape[-2:], mode="nearest")[0].long()
-        for logits, tgt in zip(probe(f[None].float()), t):
+        for logits, tgt in zip(probe(f[None].float()), t[: len(probe.heads)]):
             terms.append(F.cross_entropy(logits, tgt[None].long(), ignore_index=-100))
     if not terms:
         return None
@@ -251,7 +252,7 @@ def seg_query_attribute_loss(probe: AttributeProbe, seg_embeddings: Sequence[Ten
             continue
         n = min(emb.shape[0], masks.shape[0])
         on = masks[:n].flatten(1).float()  # (n, H·W)
-        for logits, classes in zip(probe(emb[:n].float()[:, :, None, None]), t):
+        for logits, classes in zip(probe(emb[:n].float()[:, :, None, None]), t[: len(probe.heads)]):
             c = logits.shape[1]
             flat = classes.flatten().long()
             # (H·W, c) one-hot by comparison (F.one_hot checks its input's range on the host); ignored pixels
@@ -264,6 +265,59 @@ def seg_query_attribute_loss(probe: AttributeProbe, seg_embeddings: Sequence[Ten
             part, kept = (ce * keep).sum(), keep.sum()
             total, count = (part, kept) if total is None else (total + part, count + kept)
     if count is None or int(count) == 0:
+        return None
+    return total / count
+
+
+def object_cell_weights(masks: Tensor, grid_hw: Sequence[int], min_share: float = 0.5) -> Tensor:
+    """(n, H, W) object masks → (n, h, w) pooling weights on a feature grid.
+
+    A cell's weight is the share of it the object covers, kept where that share is at least ``min_share`` of
+    the object's best cell: the object's own cells, without the rims it barely touches.
+    """
+    share = F.adaptive_avg_pool2d(masks.float()[None], tuple(grid_hw))[0]
+    best = share.flatten(1).amax(dim=1)
+    return share * (share >= min_share * best[:, None, None])
+
+
+def pool_objects(feats: Tensor, weights: Tensor) -> Tensor:
+    """(C, h, w) features, (n, h, w) weights → (n, C) weighted means (zero for an object with no weight)."""
+    w = weights.flatten(1)
+    return (w @ feats.float().flatten(1).T) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+def object_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor | None], targets: Sequence[Tensor | None]
+                          ) -> Tensor | None:
+    """Mean CE of ``probe`` on each object's pooled features vs that object's attributes.
+
+    Why: per-pixel attribute losses are dominated by background and by the inside of objects, where a circle
+    and a square look alike, so a small model learns colour and size from them but hardly shape (a linear
+    probe on the bundled model's object-pooled patch states read shape right 0.44 of the time, colour 0.99).
+    Pooling each object's cells and classifying the pool asks the cells *together* to say what shape they
+    form. ``feats[b]``: (C, h, w); ``targets[b]``: (A + 1, H, W) attribute maps whose last map numbers the
+    objects (``attribute_maps(scene, instances=True)``); cells are weighted by :func:`object_cell_weights`.
+    """
+    total: Tensor | None = None
+    count = 0
+    for f, t in zip(feats, targets):
+        if f is None or t is None or t.shape[0] != len(probe.heads) + 1:
+            continue
+        t = t.to(f.device).long()
+        ids = t[-1]
+        n = int(ids.max())
+        if n == 0:
+            continue
+        onehot = (ids[None] == torch.arange(1, n + 1, device=ids.device)[:, None, None]).float()  # (n, H, W)
+        weight = object_cell_weights(onehot, f.shape[-2:])
+        keep = weight.flatten(1).sum(1) > 0  # an object wholly hidden has no pixels, so no class
+        pooled = pool_objects(f, weight)
+        # every pixel of an object has its classes, so the largest value under its map is the class
+        classes = (onehot.flatten(1)[:, None, :] * t[:-1].flatten(1)[None].float()).amax(dim=2).long()  # (n, A)
+        for a, logits in enumerate(probe(pooled[:, :, None, None])):
+            ce = F.cross_entropy(logits.flatten(1)[keep], classes[keep, a], reduction="sum")
+            total = ce if total is None else total + ce
+        count += int(keep.sum()) * len(probe.heads)
+    if total is None or count == 0:
         return None
     return total / count
 

@@ -54,13 +54,15 @@ from .data import (
     ShapesRefDataset,
     batch_to_device,
 )
-from .losses import AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, seg_query_attribute_loss
+from .losses import (
+    AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, object_attribute_loss, seg_query_attribute_loss,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Values averaged over ranks for the log (a fixed list, so every rank's all_reduce has the same shape).
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
-    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "grad_norm",
+    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "grad_norm",
 )
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-weight", type=float, default=1.0)
     g.add_argument("--text-weight-with-mask", type=float, default=0.1, help="text weight multiplier in batches with mask loss (paper: 0.1)")
     g.add_argument("--aux-weight", type=float, default=0.0, help="ShapesRef only: per-patch/pixel colour/shape/size probes (training-only, not saved)")
+    g.add_argument("--aux-object-weight", type=float, default=0.0,
+                   help="ShapesRef only: a probe on each object's pooled patch states (its colour/shape/size as one "
+                   "region, which teaches shape where per-pixel probes do not; training-only, not saved)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
@@ -384,6 +389,7 @@ class TrainModule(nn.Module):
         cfg = base_model(model).config
         self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if aux else None
         self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if aux else None
+        self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if aux and weights.aux_object > 0 else None
         self.patch_token_id = cfg.vision_patch_token_id
 
     def forward(self, batch: dict[str, Any], teacher_pixel=None, teacher_token=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -399,9 +405,11 @@ class TrainModule(nn.Module):
             a2 = aux_attribute_loss(self.aux_token, tokens, batch["aux_targets"])
             # The [SEG] queries read through the pixel probe: one attribute space for queries and pixels.
             a3 = seg_query_attribute_loss(self.aux_pixel, out.seg_embeddings, batch.get("seg_masks"), batch["aux_targets"])
-            for name, a in (("loss_aux_pixel", a1), ("loss_aux_token", a2), ("loss_aux_query", a3)):
-                if a is not None:
-                    loss = loss + self.weights.aux * a
+            a4 = object_attribute_loss(self.aux_object, tokens, batch["aux_targets"]) if self.aux_object else None
+            for name, a, w in (("loss_aux_pixel", a1, self.weights.aux), ("loss_aux_token", a2, self.weights.aux),
+                               ("loss_aux_query", a3, self.weights.aux), ("loss_aux_object", a4, self.weights.aux_object)):
+                if a is not None and w > 0:
+                    loss = loss + w * a
                     parts[name] = float(a.detach())
             parts["loss"] = float(loss.detach())
         # Give every trainable parameter a gradient on every rank (0 where unused this batch, e.g. vp_embed
@@ -683,10 +691,11 @@ class Trainer:
             model = apply_lora(model, args)
         weights = LossWeights(
             text=args.text_weight, text_with_mask=args.text_weight_with_mask, bce=args.bce_weight,
-            dice=args.dice_weight, distill=args.distill_weight, aux=args.aux_weight, num_points=args.num_points,
+            dice=args.dice_weight, distill=args.distill_weight, aux=args.aux_weight, aux_object=args.aux_object_weight,
+            num_points=args.num_points,
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
-        aux = args.aux_weight > 0 and args.data == "shapesref"
+        aux = (args.aux_weight > 0 or args.aux_object_weight > 0) and args.data == "shapesref"
         self.module = TrainModule(model, weights, aux).to(self.device)
         self.module.train()
         self.wrapped = self._wrap(self.module)
@@ -759,7 +768,7 @@ class Trainer:
                 self.processor, seed=a.seed, length=a.train_size, turns_per_image=a.turns_per_image,
                 flip_prob=a.flip_prob, mix=mix, p_absent=a.p_absent,
                 curriculum_steps=a.curriculum_steps, max_prompts_per_sequence=a.max_prompts_per_sequence,
-                prompt_probs=probs, aux_targets=a.aux_weight > 0,
+                prompt_probs=probs, aux_targets=a.aux_weight > 0 or a.aux_object_weight > 0,
                 generator_kwargs=gen_kwargs,
             )
         return ManifestDataset(

@@ -222,3 +222,87 @@ def test_seg_query_attribute_loss_equals_its_per_mask_definition_on_random_batch
         assert (got is None) == (want is None)
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _object_attribute_loss_reference(probe, feats, targets, min_share=0.5):
+    """The definition, one object at a time: pool the cells it covers (weighted by share) and classify the pool."""
+    import torch
+    import torch.nn.functional as F
+
+    terms = []
+    for f, t in zip(feats, targets):
+        ids = t[-1].long()
+        for i in range(1, int(ids.max()) + 1):
+            on = (ids == i).float()
+            share = F.adaptive_avg_pool2d(on[None, None], f.shape[-2:])[0, 0]
+            if share.max() == 0:
+                continue
+            weight = torch.where(share >= min_share * share.max(), share, torch.zeros_like(share))
+            pooled = (f * weight).sum((1, 2)) / weight.sum()
+            for a, logits in enumerate(probe(pooled[None, :, None, None])):
+                cls = t[a][ids == i].long()
+                assert bool((cls == cls[0]).all())  # one object, one class per attribute
+                terms.append(F.cross_entropy(logits.reshape(1, -1), cls[:1]))
+    return torch.stack(terms).mean() if terms else None
+
+
+def test_object_attribute_loss_equals_its_per_object_definition_on_shapesref_scenes() -> None:
+    from pixel_sail_ros.training.data import AUX_NUM_CLASSES, attribute_maps
+    from pixel_sail_ros.training.losses import AttributeProbe, object_attribute_loss
+    from pixel_sail_ros.training.shapesref import ShapesRefGenerator, hflip_scene
+
+    torch.manual_seed(0)
+    gen = ShapesRefGenerator(seed=11)
+    probe = AttributeProbe(16, AUX_NUM_CLASSES)
+    scenes = [gen.scene(i) for i in range(4)] + [hflip_scene(gen.scene(4))]
+    targets = [torch.from_numpy(attribute_maps(s, instances=True)) for s in scenes]
+    assert all(t.shape[0] == len(AUX_NUM_CLASSES) + 1 for t in targets)
+    assert [int(t[-1].max()) for t in targets] == [len(s.objects) for s in scenes]
+    feats = [torch.randn(16, max(1, s.height // 16), max(1, s.width // 16)) for s in scenes]
+    got = object_attribute_loss(probe, feats, targets)
+    want = _object_attribute_loss_reference(probe, feats, targets)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # maps without the instance map (what the teacher uses) are not for this loss
+    assert object_attribute_loss(probe, feats, [t[:-1] for t in targets]) is None
+
+
+def test_object_attribute_loss_separates_shapes_a_per_cell_probe_cannot() -> None:
+    """Two objects whose cells look alike but for one cell of one of them: only the region tells them apart.
+
+    Object 1 covers a 2×2 block of cells, object 2 a 1×4 row. Every cell of both reads the same feature but
+    one cell of the row, so a per-cell probe must give the same class to seven cells of two classes, while
+    a probe on each object's pooled cells separates the two (what the loss is for: shape is a property of
+    the region, not of its inside).
+    """
+    from pixel_sail_ros.training.losses import AttributeProbe, aux_attribute_loss, object_attribute_loss
+
+    torch.manual_seed(0)
+    t = torch.zeros(2, 8, 8, dtype=torch.long)  # one attribute (2 classes + background) and the instance map
+    t[0, 0:4, 0:4], t[1, 0:4, 0:4] = 1, 1  # object 1: class 1, a 2×2 block of 2-pixel cells
+    t[0, 6:8, 0:8], t[1, 6:8, 0:8] = 2, 2  # object 2: class 2, a 1×4 row of cells
+    feats = torch.zeros(3, 4, 4)
+    feats[0, 0:2, 0:2] = 1.0  # every cell of both objects reads (1, 0, 0) ...
+    feats[0, 3, 0:4] = 1.0
+    feats[1, 3, 3] = 4.0  # ... but for one cell of the row: the region's mean differs, most cells do not
+    probe = AttributeProbe(3, (3,))
+    opt = torch.optim.Adam(probe.parameters(), lr=0.1)
+    for _ in range(200):
+        loss = object_attribute_loss(probe, [feats], [t])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pooled_ok = float(loss.detach())
+    assert pooled_ok < 0.05  # the pooled regions are separable
+    cell_probe = AttributeProbe(3, (3,))
+    opt = torch.optim.Adam(cell_probe.parameters(), lr=0.1)
+    for _ in range(200):
+        cell_loss = aux_attribute_loss(cell_probe, [feats], [t[:1]])
+        opt.zero_grad()
+        cell_loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = cell_probe(feats[None])[0][0].argmax(0)  # (4, 4)
+    # the row's three plain cells look exactly like the block's cells, so the per-cell probe errs on them or on
+    # the block; the pooled probe did not
+    wrong = int((pred[0:2, 0:2] != 1).sum()) + int((pred[3, 0:3] != 2).sum())
+    assert wrong >= 3 and pooled_ok < 0.05

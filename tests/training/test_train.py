@@ -151,7 +151,7 @@ def _files(d: Path) -> set[str]:
 
 def test_exact_resume(tmp_path: Path):
     common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
-                     "--aux-weight", "1"]
+                     "--aux-weight", "1", "--aux-object-weight", "1"]
     a, c = tmp_path / "a", tmp_path / "c"
     assert train.main(common + ["--output-dir", str(a)]) == 0
     ckpt = a / "checkpoint-2"
@@ -169,6 +169,9 @@ def test_exact_resume(tmp_path: Path):
     assert all(torch.equal(oa[k], oc[k]) for k in oa)
     ea = load_file(str(a / "checkpoint-4" / "trainable.safetensors"))
     assert any(k.startswith("aux_") for k in ea)  # the auxiliary probes are resumed too
+    assert any(k.startswith("aux_object.") for k in ea)
+    logged = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("loss_aux_object", 0) > 0 for r in logged)  # the per-object loss ran and was logged
     # and it really trained: weights moved away from step 2
     w2 = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(w2[k], wa[k]) for k in wa)
@@ -329,9 +332,11 @@ def test_shapesref_items_are_keyed_packed_and_flipped():
         for s in item.sequences:
             used = {int(k) for t in s.turns for k in re.findall(r"<Prompt(\d+)>", t.question)}
             assert used == set(range(len(s.prompts)))  # every prompt asked about, numbered from 0
-            assert s.aux_targets.shape == (3, *item.image.shape[:2])
+            assert s.aux_targets.shape == (4, *item.image.shape[:2])  # colour, shape, size, object number
     flipped = [i for i in range(40) if data.is_flipped((i, 0, 0))]
     assert 5 < len(flipped) < 35
     i = flipped[0]
     scene, _ = data.scene_and_samples((i, 0, 0))
     assert (scene.image == data.generator.scene(i).image[:, ::-1]).all()
+    ids = data[(i, 0, 0)].sequences[0].aux_targets[-1]  # the object numbers are flipped with the image
+    assert all((ids == 1 + k)[o.mask].all() for k, o in enumerate(scene.objects))

@@ -1,0 +1,116 @@
+"""What a checkpoint's image tokens know about each object: linear probes on object-pooled patch states.
+
+Why: the description metric says whether the *answer* names the shape; this says whether the shape is in the
+*image representation* at all, which tells a training problem on the language side from one on the vision
+side. For held-out ShapesRef scenes it pools each object's cells (:func:`.losses.object_cell_weights`) of the
+last-layer ``<vpatch>`` states, and of the raw patches for comparison, fits one linear classifier per
+attribute on the first 70 % of the objects and reports its accuracy on the rest, overall and per size class.
+
+    python -m pixel_sail_ros.training.probe [--model DIR] [--num-scenes 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import PixelSailEngine
+from . import shapesref as sr
+from .data import AUX_ATTRIBUTES
+from .losses import object_cell_weights, pool_objects
+
+PROBE_SEED = 99  # scenes no training run draws (training seeds index their own generators from 0)
+
+
+@torch.no_grad()
+def object_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_SEED) -> dict[str, Any]:
+    """Pooled last-layer states and raw patches of every visible object in ``num_scenes`` scenes, with labels."""
+    gen = sr.ShapesRefGenerator(seed=seed)
+    model, processor = engine.model, engine.processor
+    feats: dict[str, list[np.ndarray]] = {"tokens": [], "patches": []}
+    labels: list[tuple[int, ...]] = []
+    for i in range(num_scenes):
+        scene = gen.scene(i)
+        inputs = processor.preprocess_image(scene.image, device=engine.device)
+        batch = processor.prefix_inputs(inputs, device=engine.device)
+        prefix = model.prefill(
+            pixel_values=inputs.pixel_values.to(engine.dtype).unsqueeze(0),
+            **{k: batch[k] for k in ("input_ids", "image_grid_hw", "position_ids", "attention_mask")},
+        )
+        h, w, _ = prefix.vision_tokens.shape
+        masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]))
+        weights = object_cell_weights(masks, (h, w)).to(engine.device)
+        keep = (weights.flatten(1).sum(1) > 0).cpu().numpy()
+        for name, grid in (("tokens", prefix.vision_tokens), ("patches", inputs.pixel_values.view(h, w, -1))):
+            pooled = pool_objects(grid.permute(2, 0, 1), weights).float().cpu().numpy()
+            feats[name].extend(pooled[keep])
+        for o, k in zip(scene.objects, keep):
+            if k:
+                values = {"colour": o.color, "shape": o.shape, "size": o.size}
+                labels.append(tuple(AUX_ATTRIBUTES[a].index(values[a]) for a in AUX_ATTRIBUTES))
+    return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels)}
+
+
+def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac: float = 0.7,
+                          steps: int = 500, seed: int = 0) -> np.ndarray:
+    """Per-sample correctness (bool) on the held-out tail of a softmax regression fit on the head."""
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(x).float()
+    xt = (xt - xt.mean(0)) / (xt.std(0) + 1e-6)
+    yt = torch.from_numpy(y).long()
+    n = int(train_frac * len(yt))
+    lin = torch.nn.Linear(xt.shape[1], classes)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.01, generator=g)
+        lin.bias.zero_()
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(lin(xt[:n]), yt[:n]).backward()
+        opt.step()
+    with torch.no_grad():
+        return (lin(xt[n:]).argmax(1) == yt[n:]).numpy()
+
+
+def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PROBE_SEED) -> dict[str, Any]:
+    """{features: {attribute: {all, large, small}}} held-out probe accuracies, plus object counts."""
+    data = object_features(engine, num_scenes, seed)
+    y = data["labels"]
+    n_train = int(0.7 * len(y))
+    size_idx = list(AUX_ATTRIBUTES).index("size")
+    large = y[n_train:, size_idx] == AUX_ATTRIBUTES["size"].index("large")
+    report: dict[str, Any] = {"num_scenes": num_scenes, "objects": int(len(y)), "held_out": int(len(y) - n_train)}
+    for name, x in data["features"].items():
+        report[name] = {}
+        for a, (attr, values) in enumerate(AUX_ATTRIBUTES.items()):
+            right = linear_probe_accuracy(x, y[:, a], len(values))
+            report[name][attr] = {"all": round(float(right.mean()), 3), "large": round(float(right[large].mean()), 3),
+                                  "small": round(float(right[~large].mean()), 3)}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    ap.add_argument("--num-scenes", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=PROBE_SEED)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    engine = PixelSailEngine.from_pretrained(a.model, device=a.device)
+    report = probe_report(engine, a.num_scenes, a.seed)
+    report["model"] = a.model or "bundled"
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The object probe reads what is linearly there and invents nothing (on the bundled model, held-out scenes)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pixel_sail_ros.engine import PixelSailEngine
+from pixel_sail_ros.training.probe import linear_probe_accuracy, probe_report
+
+
+def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = (x[:, 2] > 0).astype(np.int64)
+    assert linear_probe_accuracy(x, y, 2).mean() >= 0.9
+    assert linear_probe_accuracy(x, rng.integers(0, 2, 400), 2).mean() < 0.65  # random labels: chance
+
+
+def test_probe_report_on_the_bundled_model() -> None:
+    report = probe_report(PixelSailEngine.from_pretrained(None, device="cpu"), num_scenes=80)
+    assert report["objects"] > 200 and report["held_out"] == report["objects"] - int(0.7 * report["objects"])
+    # the mean raw pixels of an object carry its colour, but hardly its shape (4 shapes: chance is 0.25)
+    assert report["patches"]["colour"]["all"] > 0.85
+    assert report["patches"]["shape"]["all"] < 0.45
+    # the trained image tokens know colour and size (the size class is not in a patch's pixels alone)
+    assert report["tokens"]["colour"]["all"] > 0.9
+    assert report["tokens"]["size"]["all"] > report["patches"]["size"]["all"]
