@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 
+MROPE_LAYOUTS = ("chunked", "interleaved")  # how the row/column rotary frequencies are laid out (rotary.py)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -127,6 +129,11 @@ class PixelSailConfig(PreTrainedConfig):
             paper (off in its presets): a small model's patch states carry sub-patch boundaries poorly, and this
             gives the mask head the cell's own colour at no cost in the transformer. Zero-initialised, so a
             checkpoint without it loads unchanged and can be fine-tuned into it (``--model-overrides``).
+        mrope_layout: "chunked" (the paper's: the row axis takes the first d/4 frequency slots, the fastest, and
+            the column axis the next d/4, the slowest) or "interleaved" (rows and columns alternate, so both
+            span all frequencies; see ``rotary.py``). Not in the paper: with the chunked layout and rope_theta
+            1e4, a small model trained from scratch hardly tells its image columns apart. Needs training from
+            the start (a checkpoint trained with one layout does not work with the other).
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -150,6 +157,7 @@ class PixelSailConfig(PreTrainedConfig):
     visual_prompt_injection: bool = True
     visual_prompt_pooling: bool | None = None
     pixel_skip: bool = False
+    mrope_layout: str = "chunked"
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None
@@ -191,6 +199,11 @@ class PixelSailConfig(PreTrainedConfig):
         p, s = self.patch_size, self.mask_output_stride
         if p <= 0 or s <= 0 or p % s or (p // s) & (p // s - 1):
             raise ValueError(f"patch_size/mask_output_stride = {p}/{s} must be a power of two (>= 1)")
+        if self.mrope_layout not in MROPE_LAYOUTS:
+            raise ValueError(f"mrope_layout must be one of {MROPE_LAYOUTS}, got {self.mrope_layout!r}")
+        section = self.text_config.rope_parameters.get("mrope_section")
+        if self.mrope_layout == "interleaved" and (section[0] != 0 or section[1] != section[2]):
+            raise ValueError(f"mrope_layout 'interleaved' needs mrope_section [0, k, k], got {section}")
         if self.pixel_skip and not self.use_upsampler:
             raise ValueError("pixel_skip adds to the upsampled features: it needs use_upsampler=True")
         if self.max_image_size < p or self.max_image_size % p:

@@ -27,6 +27,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextMod
 from transformers.utils import ModelOutput
 
 from .configuration_pixel_sail import PixelSailConfig
+from .rotary import InterleavedMRotaryEmbedding
 from .static_decoding import StaticDecoding
 
 # The SDPA kernels the decoder may use on CUDA. cuDNN's fused attention (PyTorch's first choice on Hopper) builds
@@ -188,6 +189,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         in_dim = config.vision_feature_dim
 
         self.model = Qwen2_5_VLTextModel(text)
+        if config.mrope_layout == "interleaved":
+            self.model.rotary_emb = InterleavedMRotaryEmbedding(text)
         self.vis_embed = nn.Linear(patch_dim, hidden, bias=False)
         self.vp_embed = nn.Linear(hidden, hidden, bias=False) if config.visual_prompt_injection else None
         self.lm_head = nn.Linear(hidden, text.vocab_size, bias=False)
