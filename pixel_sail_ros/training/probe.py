@@ -5,6 +5,9 @@ Why: the description metric says whether the *answer* names the shape; this says
 side. For held-out ShapesRef scenes it pools each object's cells (:func:`.losses.object_cell_weights`) of the
 last-layer ``<vpatch>`` states, and of the raw patches for comparison, fits one linear classifier per
 attribute on the first 70 % of the objects and reports its accuracy on the rest, overall and per size class.
+It also reports how much the image states change when the row or the column positions of the patches are
+mirrored (pixels unchanged): a model that cannot tell its columns apart cannot see shape or left/right
+(``mrope_layout`` in the model's config).
 
     python -m pixel_sail_ros.training.probe [--model DIR] [--num-scenes 300]
 """
@@ -28,21 +31,44 @@ from .losses import object_cell_weights, pool_objects
 PROBE_SEED = 99  # scenes no training run draws (training seeds index their own generators from 0)
 
 
+def _prefill(engine: PixelSailEngine, image: np.ndarray, mirror_axis: int | None = None):
+    inputs = engine.processor.preprocess_image(image, device=engine.device)
+    batch = engine.processor.prefix_inputs(inputs, device=engine.device)
+    positions = batch["position_ids"]
+    if mirror_axis is not None:  # 1 = rows, 2 = columns; only the patches' positions, between the markers
+        positions = positions.clone()
+        inner = positions[mirror_axis, :, 1:-1]
+        positions[mirror_axis, :, 1:-1] = inner.min() + inner.max() - inner
+    prefix = engine.model.prefill(
+        pixel_values=inputs.pixel_values.to(engine.dtype).unsqueeze(0), position_ids=positions,
+        **{k: batch[k] for k in ("input_ids", "image_grid_hw", "attention_mask")},
+    )
+    return inputs, prefix
+
+
+@torch.no_grad()
+def position_sensitivity(engine: PixelSailEngine, num_scenes: int = 8, seed: int = PROBE_SEED) -> dict[str, float]:
+    """Mean relative change of the last-layer image states when the row / column positions are mirrored."""
+    gen = sr.ShapesRefGenerator(seed=seed)
+    change: dict[str, list[float]] = {"rows": [], "cols": []}
+    for i in range(num_scenes):
+        image = gen.scene(i).image
+        base = _prefill(engine, image)[1].vision_tokens.float()
+        for name, axis in (("rows", 1), ("cols", 2)):
+            moved = _prefill(engine, image, axis)[1].vision_tokens.float()
+            change[name].append(float((moved - base).norm() / base.norm()))
+    return {k: round(float(np.mean(v)), 4) for k, v in change.items()}
+
+
 @torch.no_grad()
 def object_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_SEED) -> dict[str, Any]:
     """Pooled last-layer states and raw patches of every visible object in ``num_scenes`` scenes, with labels."""
     gen = sr.ShapesRefGenerator(seed=seed)
-    model, processor = engine.model, engine.processor
     feats: dict[str, list[np.ndarray]] = {"tokens": [], "patches": []}
     labels: list[tuple[int, ...]] = []
     for i in range(num_scenes):
         scene = gen.scene(i)
-        inputs = processor.preprocess_image(scene.image, device=engine.device)
-        batch = processor.prefix_inputs(inputs, device=engine.device)
-        prefix = model.prefill(
-            pixel_values=inputs.pixel_values.to(engine.dtype).unsqueeze(0),
-            **{k: batch[k] for k in ("input_ids", "image_grid_hw", "position_ids", "attention_mask")},
-        )
+        inputs, prefix = _prefill(engine, scene.image)
         h, w, _ = prefix.vision_tokens.shape
         masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]))
         weights = object_cell_weights(masks, (h, w)).to(engine.device)
@@ -79,13 +105,15 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac
 
 
 def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PROBE_SEED) -> dict[str, Any]:
-    """{features: {attribute: {all, large, small}}} held-out probe accuracies, plus object counts."""
+    """{features: {attribute: {all, large, small}}} held-out probe accuracies, object counts, and the
+    image states' sensitivity to row / column positions."""
     data = object_features(engine, num_scenes, seed)
     y = data["labels"]
     n_train = int(0.7 * len(y))
     size_idx = list(AUX_ATTRIBUTES).index("size")
     large = y[n_train:, size_idx] == AUX_ATTRIBUTES["size"].index("large")
-    report: dict[str, Any] = {"num_scenes": num_scenes, "objects": int(len(y)), "held_out": int(len(y) - n_train)}
+    report: dict[str, Any] = {"num_scenes": num_scenes, "objects": int(len(y)), "held_out": int(len(y) - n_train),
+                              "position_sensitivity": position_sensitivity(engine, seed=seed)}
     for name, x in data["features"].items():
         report[name] = {}
         for a, (attr, values) in enumerate(AUX_ATTRIBUTES.items()):

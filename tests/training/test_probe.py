@@ -17,7 +17,8 @@ def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
 
 
 def test_probe_report_on_the_bundled_model() -> None:
-    report = probe_report(PixelSailEngine.from_pretrained(None, device="cpu"), num_scenes=80)
+    engine = PixelSailEngine.from_pretrained(None, device="cpu")
+    report = probe_report(engine, num_scenes=80)
     assert report["objects"] > 200 and report["held_out"] == report["objects"] - int(0.7 * report["objects"])
     # the mean raw pixels of an object carry its colour, but hardly its shape (4 shapes: chance is 0.25)
     assert report["patches"]["colour"]["all"] > 0.85
@@ -25,3 +26,10 @@ def test_probe_report_on_the_bundled_model() -> None:
     # the trained image tokens know colour and size (the size class is not in a patch's pixels alone)
     assert report["tokens"]["colour"]["all"] > 0.9
     assert report["tokens"]["size"]["all"] > report["patches"]["size"]["all"]
+    # with the paper's chunked rotary a trained model hardly tells its columns apart (tests/model/test_rotary.py:
+    # why); with the interleaved layout it does
+    sens = report["position_sensitivity"]
+    if engine.model.config.mrope_layout == "chunked":
+        assert sens["cols"] < 0.1 * sens["rows"]
+    else:
+        assert sens["cols"] > 0.3 * sens["rows"]
