@@ -322,7 +322,9 @@ def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_th
     while the worker is busy with a slow job), still gets its own depth, not none and not a newer one."""
     client, node, segment = fresh_depth_node
     n = client.node
-    frame = render_frame(SEED, 5, 320, 240)
+    # a frame whose largest object the bundled model segments from its box (stage 5 misses it in frame 5): this
+    # test is about depth pairing, and needs a mask to place in 3D
+    frame = render_frame(SEED, 4, 320, 240)
     pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
     pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
