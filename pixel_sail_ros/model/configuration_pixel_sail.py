@@ -132,8 +132,9 @@ class PixelSailConfig(PreTrainedConfig):
         mrope_layout: "chunked" (the paper's: the row axis takes the first d/4 frequency slots, the fastest, and
             the column axis the next d/4, the slowest) or "interleaved" (rows and columns alternate, so both
             span all frequencies; see ``rotary.py``). Not in the paper: with the chunked layout and rope_theta
-            1e4, a small model trained from scratch hardly tells its image columns apart. Needs training from
-            the start (a checkpoint trained with one layout does not work with the other).
+            1e4, a small model hardly tells its image columns apart. Text positions rotate identically in both,
+            so only the image attention changes: a checkpoint trained with one layout needs fine-tuning into the
+            other (``--model-overrides``).
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.

@@ -6,9 +6,10 @@ the column rotation is 0.01 to 0.00013 rad per patch, so across a 14-patch image
 trained `tiny` model's image states change by 30 % when the row positions are mirrored and by 0.5 % when the
 column positions are (README, "The model"). Its image tokens are rows of nearly unordered patches, which hides
 shape and left/right. Interleaving (as Qwen3-VL does) gives slot 2i to the rows and 2i+1 to the columns, so
-both axes span the whole range of frequencies. Text-only positions (t = h = w) still give plain 1-D RoPE, with
-the frequencies in a different order; a pretrained Qwen2 expects the chunked order, so this is for models
-trained with it from the start.
+both axes span the whole range of frequencies. Text-only positions (t = h = w) give exactly the plain 1-D
+RoPE of the chunked layout (slot i turns by position × inv_freq[i] in both), so a pretrained Qwen2 LLM keeps
+its text behaviour. Only image positions change: a checkpoint trained with the chunked layout has to be
+fine-tuned into this one (the bundled model's stage 5 was).
 """
 
 from __future__ import annotations

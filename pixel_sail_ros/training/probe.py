@@ -31,16 +31,20 @@ from .losses import object_cell_weights, pool_objects
 PROBE_SEED = 99  # scenes no training run draws (training seeds index their own generators from 0)
 
 
-def _prefill(engine: PixelSailEngine, image: np.ndarray, mirror_axis: int | None = None):
-    inputs = engine.processor.preprocess_image(image, device=engine.device)
-    batch = engine.processor.prefix_inputs(inputs, device=engine.device)
+@torch.no_grad()
+def prefill_image(model: Any, processor: Any, image: np.ndarray, mirror_axis: int | None = None):
+    """(image inputs, prefix) of one image; ``mirror_axis`` 1 / 2 mirrors the patches' row / column position ids
+    (the pixels stay where they are), to see how much the model's image states depend on them."""
+    weight = model.lm_head.weight
+    inputs = processor.preprocess_image(image, device=weight.device)
+    batch = processor.prefix_inputs(inputs, device=weight.device)
     positions = batch["position_ids"]
-    if mirror_axis is not None:  # 1 = rows, 2 = columns; only the patches' positions, between the markers
+    if mirror_axis is not None:  # only the patches' positions, between the <vision> markers
         positions = positions.clone()
         inner = positions[mirror_axis, :, 1:-1]
         positions[mirror_axis, :, 1:-1] = inner.min() + inner.max() - inner
-    prefix = engine.model.prefill(
-        pixel_values=inputs.pixel_values.to(engine.dtype).unsqueeze(0), position_ids=positions,
+    prefix = model.prefill(
+        pixel_values=inputs.pixel_values.to(weight.dtype).unsqueeze(0), position_ids=positions,
         **{k: batch[k] for k in ("input_ids", "image_grid_hw", "attention_mask")},
     )
     return inputs, prefix
@@ -53,9 +57,9 @@ def position_sensitivity(engine: PixelSailEngine, num_scenes: int = 8, seed: int
     change: dict[str, list[float]] = {"rows": [], "cols": []}
     for i in range(num_scenes):
         image = gen.scene(i).image
-        base = _prefill(engine, image)[1].vision_tokens.float()
+        base = prefill_image(engine.model, engine.processor, image)[1].vision_tokens.float()
         for name, axis in (("rows", 1), ("cols", 2)):
-            moved = _prefill(engine, image, axis)[1].vision_tokens.float()
+            moved = prefill_image(engine.model, engine.processor, image, axis)[1].vision_tokens.float()
             change[name].append(float((moved - base).norm() / base.norm()))
     return {k: round(float(np.mean(v)), 4) for k, v in change.items()}
 
@@ -68,7 +72,7 @@ def object_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_
     labels: list[tuple[int, ...]] = []
     for i in range(num_scenes):
         scene = gen.scene(i)
-        inputs, prefix = _prefill(engine, scene.image)
+        inputs, prefix = prefill_image(engine.model, engine.processor, scene.image)
         h, w, _ = prefix.vision_tokens.shape
         masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]))
         weights = object_cell_weights(masks, (h, w)).to(engine.device)

@@ -387,28 +387,37 @@ class TrainModule(nn.Module):
         self.model = model
         self.weights = weights
         cfg = base_model(model).config
-        self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if aux else None
-        self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if aux else None
-        self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if aux and weights.aux_object > 0 else None
+        # Each probe exists only while its loss counts (aux: the dataset gives attribute maps at all).
+        per_pixel, per_object = aux and weights.aux > 0, aux and weights.aux_object > 0
+        self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if per_pixel else None
+        self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_pixel else None
+        self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_object else None
         self.patch_token_id = cfg.vision_patch_token_id
 
     def forward(self, batch: dict[str, Any], teacher_pixel=None, teacher_token=None) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.model(**PixelSailProcessor.model_inputs(batch))
         res = compute_losses(out, batch["labels"], batch.get("seg_masks"), self.weights, teacher_pixel, teacher_token)
         loss, parts = res.loss, res.parts
-        if self.aux_pixel is not None and any(t is not None for t in batch.get("aux_targets", [])):
-            a1 = aux_attribute_loss(self.aux_pixel, out.pixel_features, batch["aux_targets"])
+        targets = batch.get("aux_targets", [])
+        if (self.aux_pixel is not None or self.aux_object is not None) and any(t is not None for t in targets):
             tokens = []
             for b, grid in enumerate(batch["image_grid_hw"].tolist()):
                 h = out.last_hidden_state[b][batch["input_ids"][b] == self.patch_token_id]
                 tokens.append(h.view(grid[0], grid[1], -1).permute(2, 0, 1) if h.shape[0] else None)
-            a2 = aux_attribute_loss(self.aux_token, tokens, batch["aux_targets"])
-            # The [SEG] queries read through the pixel probe: one attribute space for queries and pixels.
-            a3 = seg_query_attribute_loss(self.aux_pixel, out.seg_embeddings, batch.get("seg_masks"), batch["aux_targets"])
-            a4 = object_attribute_loss(self.aux_object, tokens, batch["aux_targets"]) if self.aux_object else None
-            for name, a, w in (("loss_aux_pixel", a1, self.weights.aux), ("loss_aux_token", a2, self.weights.aux),
-                               ("loss_aux_query", a3, self.weights.aux), ("loss_aux_object", a4, self.weights.aux_object)):
-                if a is not None and w > 0:
+            terms = []
+            if self.aux_pixel is not None:
+                terms += [
+                    ("loss_aux_pixel", aux_attribute_loss(self.aux_pixel, out.pixel_features, targets), self.weights.aux),
+                    ("loss_aux_token", aux_attribute_loss(self.aux_token, tokens, targets), self.weights.aux),
+                    # The [SEG] queries read through the pixel probe: one attribute space for queries and pixels.
+                    ("loss_aux_query", seg_query_attribute_loss(self.aux_pixel, out.seg_embeddings,
+                                                                batch.get("seg_masks"), targets), self.weights.aux),
+                ]
+            if self.aux_object is not None:
+                terms.append(("loss_aux_object", object_attribute_loss(self.aux_object, tokens, targets),
+                              self.weights.aux_object))
+            for name, a, w in terms:
+                if a is not None:
                     loss = loss + w * a
                     parts[name] = float(a.detach())
             parts["loss"] = float(loss.detach())

@@ -8,6 +8,7 @@ import torch
 from pixel_sail_ros.model.configuration_pixel_sail import PixelSailConfig
 from pixel_sail_ros.model.modeling_pixel_sail import PixelSailForConditionalGeneration
 from pixel_sail_ros.model.rotary import InterleavedMRotaryEmbedding
+from pixel_sail_ros.training.probe import prefill_image
 
 
 def _angles(model, t, h, w):
@@ -45,17 +46,7 @@ def test_interleaving_gives_columns_the_fast_frequencies_that_chunks_give_rows_o
 
 
 def _image_states(model, processor, image, mirror_axis=None):
-    inputs = processor.preprocess_image(image)
-    batch = processor.prefix_inputs(inputs)
-    pos = batch["position_ids"].clone()
-    if mirror_axis is not None:  # mirror the row (1) or column (2) positions of the patches, pixels unchanged
-        inner = pos[mirror_axis, :, 1:-1]
-        pos[mirror_axis, :, 1:-1] = inner.min() + inner.max() - inner
-    with torch.no_grad():
-        return model.prefill(
-            pixel_values=inputs.pixel_values.unsqueeze(0), input_ids=batch["input_ids"],
-            image_grid_hw=batch["image_grid_hw"], position_ids=pos, attention_mask=batch["attention_mask"],
-        ).vision_tokens
+    return prefill_image(model, processor, image, mirror_axis)[1].vision_tokens
 
 
 def test_the_image_tokens_see_column_order_only_when_interleaved(model_factory, processor, image_factory) -> None:
