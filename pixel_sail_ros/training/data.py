@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..model.processing_pixel_sail import PixelSailProcessor, Turn
+from . import appearance as shifts
 from . import shapesref as sr
 from .manifest import Record, decode_turn, load_image, load_manifest
 
@@ -62,6 +63,17 @@ def item_rng(seed: int, key: tuple[int, int, int], stream: int) -> np.random.Gen
     """Independent generator per (seed, index, epoch, stream): augmentation never touches global RNG."""
     index, epoch, _ = key
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), int(epoch), int(stream)])
+
+
+def photometric_augment(image: np.ndarray, seed: int, key: tuple[int, int, int], prob: float) -> np.ndarray:
+    """With probability ``prob``, the image through one random camera-like shift (JPEG, blur or noise).
+
+    Pixels only: masks and prompts stay valid. Seeded by the item key, so an item is the same on resume.
+    """
+    if prob <= 0:
+        return image
+    rng = item_rng(seed, key, 3)
+    return shifts.random_photometric(image, rng) if rng.random() < prob else image
 
 
 def _as_key(key: int | Sequence[int]) -> tuple[int, int, int]:
@@ -153,7 +165,8 @@ class ShapesRefDataset(Dataset):
     """Random-access ShapesRef items: scene ``index`` of a seeded generator, ``turns_per_image`` turns on it.
 
     Keys are ``index`` or ``(index, epoch, step)``; the same key always gives the same item. Augmentation:
-    horizontal flip with probability ``flip_prob`` (left/right words swapped by the generator's helpers).
+    horizontal flip with probability ``flip_prob`` (left/right words swapped by the generator's helpers) and a
+    photometric shift with probability ``appearance_prob``.
     """
 
     def __init__(
@@ -170,6 +183,7 @@ class ShapesRefDataset(Dataset):
         prompt_probs: Mapping[str, float] | None = None,
         aux_targets: bool = False,
         generator_kwargs: Mapping[str, Any] | None = None,
+        appearance_prob: float = 0.0,
     ) -> None:
         self.processor = processor
         self.generator = sr.ShapesRefGenerator(seed=seed, **dict(generator_kwargs or {}))
@@ -183,6 +197,7 @@ class ShapesRefDataset(Dataset):
         self.max_prompts = int(max_prompts_per_sequence)
         self.prompt_probs = dict(prompt_probs or sr.PROMPT_TYPE_PROBS)
         self.aux_targets = bool(aux_targets)
+        self.appearance_prob = float(appearance_prob)
 
     def __len__(self) -> int:
         return self.length
@@ -222,7 +237,8 @@ class ShapesRefDataset(Dataset):
             aux = attribute_maps(scene, instances=True)
             for s in seqs:
                 s.aux_targets = aux
-        return ImageItem(scene.image, seqs, key, self.is_flipped(key))
+        image = photometric_augment(scene.image, self.seed, key, self.appearance_prob)
+        return ImageItem(image, seqs, key, self.is_flipped(key))
 
 
 def attribute_maps(scene: sr.Scene, instances: bool = False) -> np.ndarray:
@@ -254,6 +270,7 @@ class ManifestDataset(Dataset):
         turns_per_image: int = 16,
         flip_prob: float = 0.0,
         max_prompts_per_sequence: int = 6,
+        appearance_prob: float = 0.0,
     ) -> None:
         self.processor = processor
         self.records = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
@@ -261,6 +278,7 @@ class ManifestDataset(Dataset):
         self.turns_per_image = int(turns_per_image)
         self.flip_prob = float(flip_prob)
         self.max_prompts = int(max_prompts_per_sequence)
+        self.appearance_prob = float(appearance_prob)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -268,7 +286,7 @@ class ManifestDataset(Dataset):
     def __getitem__(self, key: int | Sequence[int]) -> ImageItem:
         key = _as_key(key)
         rec = self.records[key[0] % len(self.records)]
-        image = load_image(rec)
+        image = photometric_augment(load_image(rec), self.seed, key, self.appearance_prob)
         h, w = image.shape[:2]
         chosen = list(rec.turns)
         if len(chosen) > self.turns_per_image:

@@ -11,6 +11,7 @@ Manifest: every turn of every line; segmentation turns feed cIoU/gIoU/no-target 
 ``answer_accuracy`` (exact match, case- and punctuation-insensitive).
 
     pixel-sail-eval --model runs/tiny --data shapesref --num-samples 500 --seed 1234
+    pixel-sail-eval --model runs/tiny --data shapesref --appearance jpeg   # robustness to the renderer/camera
     pixel-sail-eval --model runs/mine --manifest my_data/val.jsonl
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from ..engine import PixelSailEngine
 from ..model.processing_pixel_sail import PixelSailProcessor
+from . import appearance as shifts
 from . import shapesref as sr
 from .data import manifest_prompt
 from .manifest import decode_turn, load_image, load_manifest
@@ -37,6 +39,7 @@ from .metrics import MetricAccumulator
 
 DEFAULT_SEED = 424242
 DESCRIBE_EVERY = 4  # every 4th ShapesRef sample is a click description
+APPEARANCE_STREAM = 7  # generator stream for a photometric shift's randomness (0 draws scenes, 1 their turns)
 
 
 @dataclass
@@ -101,26 +104,30 @@ def _union(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def evaluate_shapesref(
     engine: PixelSailEngine, seed: int = DEFAULT_SEED, num_samples: int = 500, rank: int = 0, world_size: int = 1,
-    num_examples: int = 0, describe_every: int = DESCRIBE_EVERY,
+    num_examples: int = 0, describe_every: int = DESCRIBE_EVERY, appearance: str = "none",
 ) -> tuple[EvalTotals, list[dict[str, Any]]]:
-    """Run this rank's share of the held-out ShapesRef set through ``engine``."""
-    gen = sr.ShapesRefGenerator(seed=seed)
+    """Run this rank's share of the held-out ShapesRef set through ``engine``.
+
+    ``appearance``: score the same samples rendered or photographed differently (see :mod:`.appearance`).
+    """
+    gen = sr.ShapesRefGenerator(seed=seed, **shifts.generator_kwargs(appearance))
     totals = EvalTotals()
     examples: list[dict[str, Any]] = []
     for i in range(rank, num_samples, world_size):
         scene, s = shapesref_eval_item(gen, i, describe_every)
+        image = shifts.apply(appearance, scene.image, gen.rng(i, APPEARANCE_STREAM))
         hw = (scene.height, scene.width)
         totals.num_samples += 1
         if s.task == "referring":
-            out = engine.segment(scene.image, text=s.expression.text)
+            out = engine.segment(image, text=s.expression.text)
             pred = _union(out.masks, hw)
             score = totals.acc.add_segmentation(pred, s.target)
             if len(examples) < num_examples:
                 answer = out.answers[0] if out.answers else ""
-                examples.append({"image": scene.image, "gt": s.target, "pred": pred, "title": s.expression.text,
+                examples.append({"image": image, "gt": s.target, "pred": pred, "title": s.expression.text,
                                  "pred_text": f"{answer} IoU {score:.2f}"})
         else:
-            out = engine.segment(scene.image, points=[s.prompt.point], describe=True)
+            out = engine.segment(image, points=[s.prompt.point], describe=True)
             totals.acc.add_description(out.description, scene.objects[s.object_index])
             pred = _union(out.masks, hw)
             gt = scene.objects[s.object_index].mask
@@ -204,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=500, help="ShapesRef samples (manifest: max lines)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="ShapesRef generator seed of the held-out set")
     p.add_argument("--describe-every", type=int, default=DESCRIBE_EVERY, help="every k-th ShapesRef sample is a click description (0 = none)")
+    p.add_argument("--appearance", choices=shifts.APPEARANCES, default="none",
+                   help="ShapesRef: the same samples drawn by another renderer (aliased, pointed-stars) or through "
+                        "another camera (jpeg, blur, noise), to measure how much the model depends on this generator")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -224,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         data = {"data": "manifest", "manifest": str(args.manifest)}
     else:
         totals, examples = evaluate_shapesref(
-            engine, seed=args.seed, num_samples=args.num_samples, num_examples=n_ex, describe_every=args.describe_every
+            engine, seed=args.seed, num_samples=args.num_samples, num_examples=n_ex, describe_every=args.describe_every,
+            appearance=args.appearance,
         )
-        data = {"data": "shapesref", "seed": args.seed}
+        data = {"data": "shapesref", "seed": args.seed, "appearance": args.appearance}
     seconds = time.perf_counter() - t0
     result = {**totals.compute(), **data, "model": str(args.model) if args.model else "bundled",
               "device": str(engine.device), "seconds": round(seconds, 2),

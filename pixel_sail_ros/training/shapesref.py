@@ -194,7 +194,7 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
-def _unit_outline(shape: str, angle: float) -> np.ndarray | None:
+def _unit_outline(shape: str, angle: float, star_inner: float = _STAR_INNER) -> np.ndarray | None:
     """Polygon with circumradius 1 around the origin (y down), or None for a circle."""
     a = math.radians(angle)
     if shape == "circle":
@@ -207,19 +207,21 @@ def _unit_outline(shape: str, angle: float) -> np.ndarray | None:
         r = np.ones(3)
     elif shape == "star":
         t = a - math.pi / 2 + np.arange(10) * math.pi / 5
-        r = np.where(np.arange(10) % 2 == 0, 1.0, _STAR_INNER)
+        r = np.where(np.arange(10) % 2 == 0, 1.0, star_inner)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
 
-def _coverage(shape: str, angle: float, extent: float, frac: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _coverage(
+    shape: str, angle: float, extent: float, frac: tuple[float, float], star_inner: float = _STAR_INNER
+) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise a shape whose geometric bounding box has max side ``extent`` px, in a small crop.
 
     Returns (coverage in [0, 1], centre (x, y) in crop coordinates). ``frac`` in [-0.5, 0.5)² shifts the centre
     off the pixel grid so edges fall at every subpixel phase.
     """
-    outline = _unit_outline(shape, angle)
+    outline = _unit_outline(shape, angle, star_inner)
     span = 2.0 if outline is None else float(np.ptp(outline, 0).max())
     radius = extent / span  # circumradius in px
     n = int(math.ceil(2 * radius)) + 4
@@ -273,11 +275,14 @@ class ShapesRefGenerator:
         antialias: bool = True,
         max_hidden: float = MAX_HIDDEN,
         p_repeat: float = 0.25,
+        star_inner: float = _STAR_INNER,
     ) -> None:
         """``p_repeat``: chance that an object copies an earlier one's colour and shape (its size is drawn anew).
 
         Uniform draws rarely give two objects of one colour and shape, and only such pairs make
         "on the left" / "at the top" / size-disambiguated phrases; this keeps those templates well represented.
+        ``star_inner``: a star's inner/outer radius ratio. The spec leaves it open; another renderer may draw the
+        sharper stars of a geometric pentagram (``appearance.PENTAGRAM_INNER``).
         """
         if not 1 <= min_side <= max_side:
             raise ValueError("need 1 <= min_side <= max_side")
@@ -289,6 +294,9 @@ class ShapesRefGenerator:
         self.antialias = bool(antialias)
         self.max_hidden = float(max_hidden)
         self.p_repeat = float(p_repeat)
+        if not 0.2 <= star_inner < 1.0:
+            raise ValueError("star_inner must lie in [0.2, 1)")
+        self.star_inner = float(star_inner)
         self._next = 0
 
     def rng(self, index: int, stream: int = 0) -> np.random.Generator:
@@ -354,7 +362,7 @@ class ShapesRefGenerator:
             hi_px = math.floor(SIZE_RANGES[size][1] * short)
             target = float(rng.uniform(lo_px, hi_px + 1e-9))
             frac = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5)))
-            drawn = self._sized(shape, angle, target, frac, lo_px, hi_px)
+            drawn = self._sized(shape, angle, target, frac, lo_px, hi_px, self.star_inner)
             if drawn is None:
                 continue
             cov, centre, extent = drawn
@@ -379,12 +387,13 @@ class ShapesRefGenerator:
 
     @staticmethod
     def _sized(
-        shape: str, angle: float, target: float, frac: tuple[float, float], lo_px: int, hi_px: int
+        shape: str, angle: float, target: float, frac: tuple[float, float], lo_px: int, hi_px: int,
+        star_inner: float = _STAR_INNER,
     ) -> tuple[np.ndarray, np.ndarray, int] | None:
         """Rasterise so the *mask's* bounding size (what anyone can measure) lands in [lo_px, hi_px]."""
         extent_geom = target
         for _ in range(4):
-            cov, centre = _coverage(shape, angle, extent_geom, frac)
+            cov, centre = _coverage(shape, angle, extent_geom, frac, star_inner)
             x0, y0, x1, y1 = mask_box(cov >= 0.5)
             extent = max(x1 - x0, y1 - y0)
             if lo_px <= extent <= hi_px:

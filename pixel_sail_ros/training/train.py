@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--turns-per-image", type=int, default=16, help="turns per image; they share image prefixes, so more turns cost little")
     g.add_argument("--max-prompts-per-sequence", type=int, default=6, help="visual prompts packed into one prefix (<Prompt0..k>)")
     g.add_argument("--flip-prob", type=float, default=0.5, help="horizontal flip probability (left/right words swapped)")
+    g.add_argument("--appearance-aug", type=float, default=0.0, metavar="P",
+                   help="probability of a random camera-like shift per image (JPEG, blur or noise; see "
+                        "pixel_sail_ros/training/appearance.py), so the model depends less on how images were drawn")
     g.add_argument("--mix", default=None, metavar="TASK=W,...", help="ShapesRef task mix, e.g. referring=0.5,vp_describe=0.2,vp_segment=0.1,text_describe=0.1,vp_qa=0.1")
     g.add_argument("--p-absent", type=float, default=0.25, help="share of referring turns whose object is absent")
     g.add_argument("--prompt-probs", default=None, metavar="KIND=W,...", help="ShapesRef visual-prompt kinds, e.g. point=0.5,box=0.25,mask=0.25 (paper: 0.3/0.3/0.4; the node's clicks are points)")
@@ -778,11 +781,11 @@ class Trainer:
                 flip_prob=a.flip_prob, mix=mix, p_absent=a.p_absent,
                 curriculum_steps=a.curriculum_steps, max_prompts_per_sequence=a.max_prompts_per_sequence,
                 prompt_probs=probs, aux_targets=a.aux_weight > 0 or a.aux_object_weight > 0,
-                generator_kwargs=gen_kwargs,
+                generator_kwargs=gen_kwargs, appearance_prob=a.appearance_aug,
             )
         return ManifestDataset(
             self.processor, a.manifest, seed=a.seed, turns_per_image=a.turns_per_image, flip_prob=a.flip_prob,
-            max_prompts_per_sequence=a.max_prompts_per_sequence,
+            max_prompts_per_sequence=a.max_prompts_per_sequence, appearance_prob=a.appearance_aug,
         )
 
     def _loader(self) -> Iterable[dict[str, Any]]:
@@ -1102,6 +1105,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--lora-r with --fsdp is not supported; LoRA fits on one GPU per process (use DDP)")
     if args.image_size is not None and args.image_size <= 0:
         raise SystemExit("--image-size must be positive")
+    for flag in ("flip_prob", "appearance_aug"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise SystemExit(f"--{flag.replace('_', '-')} is a probability: give a value in [0, 1]")
     if args.data is None and args.manifest is None and not args.max_steps:
         raise SystemExit("--max-steps is required with ShapesRef (it is endless)")
     if args.schedule_over_time and not args.time_budget_minutes:

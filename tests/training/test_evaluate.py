@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pixel_sail_ros.engine import SegmentationOutput
+from pixel_sail_ros.training import appearance as shifts
 from pixel_sail_ros.training import evaluate
 from pixel_sail_ros.training import shapesref as sr
 
@@ -72,12 +73,13 @@ def test_held_out_items_are_deterministic_and_mixed():
 class OracleEngine:
     """Answers every held-out request perfectly (it looks the scene up by its pixels)."""
 
-    def __init__(self, seed: int, n: int) -> None:
-        gen = sr.ShapesRefGenerator(seed=seed)
+    def __init__(self, seed: int, n: int, appearance: str = "none") -> None:
+        gen = sr.ShapesRefGenerator(seed=seed, **shifts.generator_kwargs(appearance))
         self.truth = {}
         for i in range(n):
             scene, s = evaluate.shapesref_eval_item(gen, i)
-            self.truth[hashlib.sha1(scene.image.tobytes()).hexdigest()] = (scene, s)
+            image = shifts.apply(appearance, scene.image, gen.rng(i, evaluate.APPEARANCE_STREAM))
+            self.truth[hashlib.sha1(image.tobytes()).hexdigest()] = (scene, s)
 
     def segment(self, rgb, text="", points=None, boxes=None, describe=False) -> SegmentationOutput:
         scene, s = self.truth[hashlib.sha1(rgb.tobytes()).hexdigest()]
@@ -101,3 +103,14 @@ def test_metrics_are_perfect_for_an_oracle_and_shard_cleanly():
     merged = evaluate.EvalTotals()
     merged.set_vector([x + y for x, y in zip(parts[0].vector(), parts[1].vector())])
     assert merged.compute() == r
+
+
+@pytest.mark.parametrize("appearance", ["aliased", "pointed-stars", "jpeg", "noise"])
+def test_appearance_shifts_what_the_engine_sees_and_scores_against_its_own_masks(appearance):
+    # The oracle knows only the shifted renderings: a plain image would miss its lookup (KeyError), and masks
+    # scored against the unshifted scene would not be perfect for the renderer shifts.
+    oracle = OracleEngine(seed=3, n=8, appearance=appearance)
+    r = evaluate.evaluate_shapesref(oracle, seed=3, num_samples=8, appearance=appearance)[0].compute()
+    assert r["ciou"] == 1.0 and r["description_accuracy"] == 1.0 and r["click_ciou"] == 1.0
+    with pytest.raises(KeyError):
+        evaluate.evaluate_shapesref(oracle, seed=3, num_samples=8)

@@ -151,7 +151,7 @@ def _files(d: Path) -> set[str]:
 
 def test_exact_resume(tmp_path: Path):
     common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
-                     "--aux-weight", "1", "--aux-object-weight", "1"]
+                     "--aux-weight", "1", "--aux-object-weight", "1", "--appearance-aug", "0.5"]
     a, c = tmp_path / "a", tmp_path / "c"
     assert train.main(common + ["--output-dir", str(a)]) == 0
     ckpt = a / "checkpoint-2"
