@@ -44,26 +44,39 @@ APPEARANCE_STREAM = 7  # generator stream for a photometric shift's randomness (
 
 @dataclass
 class EvalTotals:
-    """Streaming counters for one evaluation; summable across workers (DDP ranks)."""
+    """Streaming counters for one evaluation; summable across workers (DDP ranks).
+
+    Besides the headline metrics: the referring samples again per ShapesRef template (which phrasings fail),
+    and how often a mask for a present target covers another object more than its own (a wrong choice of
+    object, as opposed to a poor outline of the right one).
+    """
 
     acc: MetricAccumulator = field(default_factory=MetricAccumulator)
+    templates: dict[str, MetricAccumulator] = field(default_factory=lambda: {t: MetricAccumulator() for t in sr.TEMPLATES})
     click_intersection: int = 0
     click_union: int = 0
     n_click: int = 0
     n_answers: int = 0
     n_answers_correct: int = 0
+    n_wrong_object: int = 0
     num_samples: int = 0
 
-    _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "num_samples")
+    _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "n_wrong_object",
+                "num_samples")
+
+    def _accumulators(self) -> list[MetricAccumulator]:
+        return [self.acc, *(self.templates[t] for t in sr.TEMPLATES)]
 
     def vector(self) -> list[float]:
-        return [float(v) for v in vars(self.acc).values()] + [float(getattr(self, k)) for k in self._SCALARS]
+        counts = [float(v) for a in self._accumulators() for v in vars(a).values()]
+        return counts + [float(getattr(self, k)) for k in self._SCALARS]
 
     def set_vector(self, values: list[float]) -> None:
-        names = list(vars(self.acc))
-        for name, v in zip(names, values):
-            setattr(self.acc, name, type(getattr(self.acc, name))(v))
-        for name, v in zip(self._SCALARS, values[len(names):]):
+        it = iter(values)
+        for a in self._accumulators():
+            for name, v in zip(list(vars(a)), it):
+                setattr(a, name, type(getattr(a, name))(v))
+        for name, v in zip(self._SCALARS, it):
             setattr(self, name, int(round(v)))
 
     def compute(self) -> dict[str, Any]:
@@ -72,8 +85,23 @@ class EvalTotals:
             1.0 if self.click_union == 0 else self.click_intersection / self.click_union
         )
         out["answer_accuracy"] = None if self.n_answers == 0 else self.n_answers_correct / self.n_answers
+        n_present = self.acc.n_present
+        out["wrong_object_rate"] = None if n_present == 0 else self.n_wrong_object / n_present
+        per = {}
+        for t, a in self.templates.items():
+            if a.n_seg:
+                r = a.compute()
+                per[t] = {"n": a.n_seg, **{k: r[k] for k in ("ciou", "giou", "no_target_accuracy", "target_found_accuracy")}}
+        if per:
+            out["per_template"] = per
         out["num_samples"] = self.num_samples
         return out
+
+
+def covers_another_object(pred: np.ndarray, scene: sr.Scene, target: int) -> bool:
+    """Whether a mask overlaps some other object of the scene more than the object it should cover."""
+    own = int((pred & scene.objects[target].mask).sum())
+    return any(int((pred & o.mask).sum()) > own for k, o in enumerate(scene.objects) if k != target)
 
 
 def all_reduce_accumulator(totals: EvalTotals, device: torch.device) -> EvalTotals:
@@ -122,6 +150,9 @@ def evaluate_shapesref(
             out = engine.segment(image, text=s.expression.text)
             pred = _union(out.masks, hw)
             score = totals.acc.add_segmentation(pred, s.target)
+            totals.templates[s.expression.template].add_segmentation(pred, s.target)
+            if s.expression.target is not None:
+                totals.n_wrong_object += covers_another_object(pred, scene, s.expression.target)
             if len(examples) < num_examples:
                 answer = out.answers[0] if out.answers else ""
                 examples.append({"image": image, "gt": s.target, "pred": pred, "title": s.expression.text,

@@ -946,7 +946,8 @@ class Trainer:
         rec = {"type": "eval", "step": self.step, "eval_seconds": time.time() - t0, **metrics}
         self._record(rec)
         if self.dist.main:
-            _log("eval step {}: {}".format(self.step, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})))
+            brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, dict)}
+            _log("eval step {}: {}".format(self.step, json.dumps(brief)))  # per-template figures: metrics.jsonl
             plots.plot_curves(plots.read_jsonl(self.out / METRICS_FILE), self.out / "curves.png")
             if examples:
                 plots.plot_examples(examples, self.out / "examples.png")

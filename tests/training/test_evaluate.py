@@ -98,6 +98,9 @@ def test_metrics_are_perfect_for_an_oracle_and_shard_cleanly():
     r = totals.compute()
     assert r["ciou"] == 1.0 and r["giou"] == 1.0 and r["description_accuracy"] == 1.0 and r["click_ciou"] == 1.0
     assert r["num_samples"] == 16 and r["n_description"] == 4
+    assert r["wrong_object_rate"] == 0.0
+    assert sum(v["n"] for v in r["per_template"].values()) == r["n_segmentation"]
+    assert all(v["ciou"] == 1.0 for v in r["per_template"].values())
     # two "ranks" summed give the same counters as one pass (what all_reduce does under DDP)
     parts = [evaluate.evaluate_shapesref(oracle, seed=3, num_samples=16, rank=k, world_size=2)[0] for k in (0, 1)]
     merged = evaluate.EvalTotals()
@@ -114,3 +117,34 @@ def test_appearance_shifts_what_the_engine_sees_and_scores_against_its_own_masks
     assert r["ciou"] == 1.0 and r["description_accuracy"] == 1.0 and r["click_ciou"] == 1.0
     with pytest.raises(KeyError):
         evaluate.evaluate_shapesref(oracle, seed=3, num_samples=8)
+
+
+class NeighbourEngine(OracleEngine):
+    """Answers every present referring target with the mask of another object: the wrong choice of object."""
+
+    def segment(self, rgb, text="", points=None, boxes=None, describe=False) -> SegmentationOutput:
+        out = super().segment(rgb, text, points, boxes, describe)
+        scene, s = self.truth[hashlib.sha1(rgb.tobytes()).hexdigest()]
+        if text and s.expression.target is not None:
+            other = scene.objects[(s.expression.target + 1) % len(scene.objects)].mask
+            return SegmentationOutput(other[None], np.ones(1, np.float32), [text])
+        return out
+
+
+def test_wrong_object_rate_and_per_template_scores_find_a_wrong_choice_of_object():
+    r = evaluate.evaluate_shapesref(NeighbourEngine(seed=5, n=24), seed=5, num_samples=24)[0].compute()
+    assert r["wrong_object_rate"] == 1.0
+    assert r["target_found_accuracy"] == 1.0  # every mask is non-empty: only the new figure tells the failure
+    per = r["per_template"]
+    assert set(per) <= set(sr.TEMPLATES) and len(per) >= 3
+    for v in per.values():  # absent targets stay right, present ones score no better than the objects' overlap
+        assert v["no_target_accuracy"] in (None, 1.0)
+        assert v["target_found_accuracy"] is None or v["ciou"] < 0.5
+
+
+def test_covers_another_object_compares_overlaps():
+    scene = sr.ShapesRefGenerator(seed=1).scene(0)
+    a, b = scene.objects[0].mask, scene.objects[1].mask
+    assert not evaluate.covers_another_object(a, scene, 0)
+    assert evaluate.covers_another_object(b, scene, 0)
+    assert not evaluate.covers_another_object(np.zeros_like(a), scene, 0)  # an empty mask is a miss, not a wrong pick
