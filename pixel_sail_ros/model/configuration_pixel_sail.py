@@ -135,6 +135,12 @@ class PixelSailConfig(PreTrainedConfig):
             1e4, a small model hardly tells its image columns apart. Text positions rotate identically in both,
             so only the image attention changes: a checkpoint trained with one layout needs fine-tuning into the
             other (``--model-overrides``).
+        patch_positions: add a zero-initialised linear of Fourier features of each patch's centre, (row, column)
+            normalised to the image, to its embedding. Not in the paper (off in its presets): rotary positions
+            only reach attention scores, never the values, so a small model's image states hardly know where they
+            are, and "the leftmost star" or "the red circle on the left" needs exactly that. Normalised, so one
+            feature means "left edge" at every resolution. Zero-initialised, so a checkpoint without it loads
+            unchanged and can be fine-tuned into it (``--model-overrides``).
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -159,6 +165,7 @@ class PixelSailConfig(PreTrainedConfig):
     visual_prompt_pooling: bool | None = None
     pixel_skip: bool = False
     mrope_layout: str = "chunked"
+    patch_positions: bool = False
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None

@@ -132,6 +132,26 @@ class PixelSailSeparableConv(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+PATCH_POSITION_OCTAVES = 6  # Fourier frequencies π·2^k, k < 6: from half the image to ~1/64 of it
+
+
+def patch_position_features_dim() -> int:
+    return 2 + 4 * PATCH_POSITION_OCTAVES
+
+
+def patch_position_features(index: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Fourier features of the centre of patch number ``index`` (row-major) in an h×w grid, normalised to [0, 1].
+
+    ``index`` is (B, N), ``h``/``w`` (B, 1). Returns (B, N, 2 + 4·octaves) float32: (x − ½, y − ½), then sin and cos
+    of π·2^k·x and of π·2^k·y. Normalised, so the same feature marks "left edge" or "top" at any resolution.
+    """
+    x = ((index % w).float() + 0.5) / w.float()
+    y = ((index // w).float() + 0.5) / h.float()
+    freqs = torch.pi * 2.0 ** torch.arange(PATCH_POSITION_OCTAVES, device=index.device, dtype=torch.float32)
+    angles = torch.stack([x, y], -1)[..., None] * freqs  # (B, N, 2, octaves)
+    return torch.cat([torch.stack([x, y], -1) - 0.5, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
+
+
 def _upsample_block(channels: int) -> nn.Sequential:
     """×2 upsampling; indices 0/2/3 carry weights, as in the authors' ``upsample_blocks.{k}``."""
     return nn.Sequential(
@@ -163,9 +183,10 @@ class PixelSailPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, except the pixel skip starts at zero (a model fine-tuned into it starts unchanged)."""
+        """transformers' defaults, except the pixel skip and the patch positions start at zero (a model fine-tuned
+        into either starts unchanged)."""
         super()._init_weights(module)
-        if module is getattr(self, "pixel_skip", None):
+        if module is getattr(self, "pixel_skip", None) or module is getattr(self, "patch_position_embed", None):
             init.zeros_(module.weight)
 
 
@@ -192,6 +213,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if config.mrope_layout == "interleaved":
             self.model.rotary_emb = InterleavedMRotaryEmbedding(text)
         self.vis_embed = nn.Linear(patch_dim, hidden, bias=False)
+        self.patch_position_embed = (
+            nn.Linear(patch_position_features_dim(), hidden, bias=False) if config.patch_positions else None
+        )
         self.vp_embed = nn.Linear(hidden, hidden, bias=False) if config.visual_prompt_injection else None
         self.lm_head = nn.Linear(hidden, text.vocab_size, bias=False)
 
@@ -257,11 +281,13 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         visual_prompt_ids: torch.LongTensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings, plus vis_embed(patch) at each <vpatch> and vp_embed(E(<Prompt k>)) where k >= 0.
 
         The i-th <vpatch> of sample b takes ``pixel_values[b, i]`` (rows past the sample's patch count are
-        padding).
+        padding) and, with ``config.patch_positions``, the embedding of its place in the (h, w) grid of
+        ``image_grid_hw[b]``.
         """
         embeds = self.model.embed_tokens(input_ids)
         is_patch = input_ids == self.config.vision_patch_token_id
@@ -281,6 +307,13 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 )
             rows = torch.arange(pixel_values.shape[1], device=input_ids.device)[None, :] < n_patches[:, None]
             patches = self.vis_embed(pixel_values[rows].to(embeds.dtype))
+            if self.patch_position_embed is not None:
+                if image_grid_hw is None:
+                    raise ValueError("config.patch_positions needs image_grid_hw to place the patches")
+                index = torch.arange(pixel_values.shape[1], device=input_ids.device).expand_as(rows)
+                grid = image_grid_hw.to(input_ids.device)
+                features = patch_position_features(index, grid[:, :1], grid[:, 1:])[rows]
+                patches = patches + self.patch_position_embed(features.to(embeds.dtype))
             embeds = embeds.index_put(torch.nonzero(is_patch, as_tuple=True), patches, accumulate=True)
         if visual_prompt_ids is not None and self.vp_embed is not None:
             has_prompt = visual_prompt_ids >= 0
@@ -446,7 +479,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
             )
 
-        embeds = self.embed_inputs(input_ids, pixel_values, visual_prompt_ids)
+        embeds = self.embed_inputs(input_ids, pixel_values, visual_prompt_ids, image_grid_hw)
         if self.config.pools_visual_prompts and visual_prompt_ids is not None:
             visual_prompt_features = self.pool_visual_prompts(embeds, visual_prompt_ids)
         if visual_prompt_features is not None:

@@ -1,0 +1,70 @@
+"""``patch_positions``: each patch's normalised place in the image, as Fourier features through a zero-initialised
+linear, added to its embedding. Checked: the features mark the same relative place at any grid size, a model
+fine-tuned into it starts unchanged, the cached prefix sees the positions as the training forward does, and
+the new weights learn (their gradient is not zero)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixel_sail_ros.model.modeling_pixel_sail import (
+    PixelSailForConditionalGeneration,
+    patch_position_features,
+    patch_position_features_dim,
+)
+from pixel_sail_ros.model.processing_pixel_sail import SEG_ANSWER, Turn
+
+from .test_modeling import run, sample_for
+
+
+def _grid_features(h: int, w: int) -> torch.Tensor:
+    index = torch.arange(h * w)[None]
+    return patch_position_features(index, torch.tensor([[h]]), torch.tensor([[w]]))[0].view(h, w, -1)
+
+
+def test_features_mark_the_same_relative_place_at_any_grid_size():
+    small, large = _grid_features(2, 4), _grid_features(6, 12)
+    assert small.shape[-1] == patch_position_features_dim()
+    # patch (r, c) of an h×w grid has its centre where patch (3r+1, 3c+1) of a 3h×3w grid has its own
+    for r in range(2):
+        for c in range(4):
+            torch.testing.assert_close(small[r, c], large[3 * r + 1, 3 * c + 1])
+    x, y = large[..., 0], large[..., 1]
+    assert (x.diff(dim=1) > 0).all() and (y.diff(dim=0) > 0).all()  # left to right, top to bottom
+    torch.testing.assert_close(x, -x.flip(1))  # centred: the mirror image of a column has the opposite x
+    assert (large[0, 0] - large[0, 1]).abs().max() > 0.1  # neighbours differ clearly, not just in the slow terms
+
+
+def test_a_fresh_embedding_is_zero_and_a_checkpoint_loads_into_it_unchanged(tmp_path, model_factory, processor,
+                                                                          image_factory):
+    plain = model_factory(2)
+    plain.save_pretrained(tmp_path)
+    placed = PixelSailForConditionalGeneration.from_pretrained(tmp_path, patch_positions=True).eval()
+    assert placed.config.patch_positions and placed.patch_position_embed.weight.abs().max() == 0
+    sample = sample_for(processor, image_factory(64, 80, seed=2), [Turn("blue star", SEG_ANSWER)])
+    torch.testing.assert_close(run(placed, processor, [sample]).mask_logits[0], run(plain, processor, [sample]).mask_logits[0])
+
+
+def test_the_cached_prefix_sees_the_positions_as_the_training_forward_does(model_factory, processor, image_factory):
+    model = model_factory(0, patch_positions=True)
+    with torch.no_grad():
+        model.patch_position_embed.weight.normal_(0.0, 0.5)  # a trained-looking embedding, so that it shows
+    image = image_factory(80, 112, seed=3)
+    inputs = processor.preprocess_image(image)
+    prefix = model.prefill(**processor.prefix_inputs(inputs))
+    full = run(model, processor, [sample_for(processor, image, [Turn("x", SEG_ANSWER)])])
+    torch.testing.assert_close(prefix.pixel_features, full.pixel_features[0], atol=1e-4, rtol=1e-4)
+    without = model_factory(0).prefill(**processor.prefix_inputs(inputs))
+    assert (without.vision_tokens - prefix.vision_tokens).abs().max() > 1e-2  # the positions reach the states
+
+
+def test_the_embedding_gets_a_gradient_and_needs_the_grid(model_factory, processor, image_factory):
+    model = model_factory(1, patch_positions=True).train()
+    sample = sample_for(processor, image_factory(64, 64, seed=1), [Turn("red circle", SEG_ANSWER)])
+    inputs = processor.model_inputs(processor.collate([sample]))
+    out = model(**inputs)
+    out.mask_logits[0].sigmoid().mean().backward()
+    assert model.patch_position_embed.weight.grad is not None and model.patch_position_embed.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="image_grid_hw"):
+        model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
