@@ -36,14 +36,15 @@ def test_features_mark_the_same_relative_place_at_any_grid_size():
     assert (large[0, 0] - large[0, 1]).abs().max() > 0.1  # neighbours differ clearly, not just in the slow terms
 
 
-def test_a_fresh_embedding_is_zero_and_a_checkpoint_loads_into_it_unchanged(tmp_path, model_factory, processor,
-                                                                          image_factory):
+@pytest.mark.parametrize("switch,module", [("pixel_skip", "pixel_skip"), ("patch_positions", "patch_position_embed")])
+def test_a_checkpoint_without_a_zero_initialised_switch_loads_into_it_unchanged(tmp_path, model_factory, processor,
+                                                                              image_factory, switch, module):
     plain = model_factory(2)
     plain.save_pretrained(tmp_path)
-    placed = PixelSailForConditionalGeneration.from_pretrained(tmp_path, patch_positions=True).eval()
-    assert placed.config.patch_positions and placed.patch_position_embed.weight.abs().max() == 0
+    grown = PixelSailForConditionalGeneration.from_pretrained(tmp_path, **{switch: True}).eval()
+    assert getattr(grown.config, switch) and getattr(grown, module).weight.abs().max() == 0
     sample = sample_for(processor, image_factory(64, 80, seed=2), [Turn("blue star", SEG_ANSWER)])
-    torch.testing.assert_close(run(placed, processor, [sample]).mask_logits[0], run(plain, processor, [sample]).mask_logits[0])
+    torch.testing.assert_close(run(grown, processor, [sample]).mask_logits[0], run(plain, processor, [sample]).mask_logits[0])
 
 
 def test_the_cached_prefix_sees_the_positions_as_the_training_forward_does(model_factory, processor, image_factory):
