@@ -4,7 +4,8 @@ Why: the description metric says whether the *answer* names the shape; this says
 *image representation* at all, which tells a training problem on the language side from one on the vision
 side. For held-out ShapesRef scenes it pools each object's cells (:func:`.losses.object_cell_weights`) of the
 last-layer ``<vpatch>`` states, and of the raw patches for comparison, fits one linear classifier per
-attribute on the first 70 % of the objects and reports its accuracy on the rest, overall and per size class.
+attribute (and for which third of the image, across and down, the object lies in) on the first 70 % of the objects
+and reports its accuracy on the rest, overall and per size class.
 It also reports how much the image states change when the row or the column positions of the patches are
 mirrored (pixels unchanged): a model that cannot tell its columns apart cannot see shape or left/right
 (``mrope_layout`` in the model's config).
@@ -83,8 +84,19 @@ def object_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_
         for o, k in zip(scene.objects, keep):
             if k:
                 values = {"colour": o.color, "shape": o.shape, "size": o.size}
-                labels.append(tuple(AUX_ATTRIBUTES[a].index(values[a]) for a in AUX_ATTRIBUTES))
+                place = (_third(o.center[0], scene.width), _third(o.center[1], scene.height))
+                labels.append(tuple(AUX_ATTRIBUTES[a].index(values[a]) for a in AUX_ATTRIBUTES) + place)
     return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels)}
+
+
+# What the probe reads besides the attributes: which third of the image (left/middle/right, top/middle/bottom)
+# an object's centre lies in. Positional phrases ("the leftmost star") need it in the states, not only in the
+# attention scores that rotary positions reach (``patch_positions`` in the model's config).
+PLACES = {"column third": 3, "row third": 3}
+
+
+def _third(coordinate: float, extent: int) -> int:
+    return min(2, int(3 * coordinate / extent))
 
 
 def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac: float = 0.7,
@@ -118,10 +130,11 @@ def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PRO
     large = y[n_train:, size_idx] == AUX_ATTRIBUTES["size"].index("large")
     report: dict[str, Any] = {"num_scenes": num_scenes, "objects": int(len(y)), "held_out": int(len(y) - n_train),
                               "position_sensitivity": position_sensitivity(engine, seed=seed)}
+    targets = {attr: len(values) for attr, values in AUX_ATTRIBUTES.items()} | PLACES
     for name, x in data["features"].items():
         report[name] = {}
-        for a, (attr, values) in enumerate(AUX_ATTRIBUTES.items()):
-            right = linear_probe_accuracy(x, y[:, a], len(values))
+        for a, (attr, classes) in enumerate(targets.items()):
+            right = linear_probe_accuracy(x, y[:, a], classes)
             report[name][attr] = {"all": round(float(right.mean()), 3), "large": round(float(right[large].mean()), 3),
                                   "small": round(float(right[~large].mean()), 3)}
     return report

@@ -26,6 +26,11 @@ def test_probe_report_on_the_bundled_model() -> None:
     # the trained image tokens know colour and size (the size class is not in a patch's pixels alone)
     assert report["tokens"]["colour"]["all"] > 0.9
     assert report["tokens"]["size"]["all"] > report["patches"]["size"]["all"]
+    # an object's mean pixels do not say where it is (3 thirds: chance is about 1/3); the states of a model
+    # that adds each patch's place to its embedding do
+    assert report["patches"]["column third"]["all"] < 0.5
+    if engine.model.config.patch_positions:
+        assert report["tokens"]["column third"]["all"] > 0.8 and report["tokens"]["row third"]["all"] > 0.8
     # with the paper's chunked rotary a trained model hardly tells its columns apart (tests/model/test_rotary.py:
     # why); with the interleaved layout it does
     sens = report["position_sensitivity"]
