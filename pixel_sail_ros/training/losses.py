@@ -39,6 +39,7 @@ class LossWeights:
     distill: float = 0.5
     aux: float = 1.0
     aux_object: float = 0.0
+    aux_place: float = 0.0
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
@@ -286,6 +287,18 @@ def pool_objects(feats: Tensor, weights: Tensor) -> Tensor:
     return (w @ feats.float().flatten(1).T) / w.sum(1, keepdim=True).clamp_min(1e-6)
 
 
+def _objects_of(f: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(pooled (n, C), keep (n,), one-hot masks (n, H, W)) of the objects numbered in the last map of ``t``."""
+    ids = t[-1]
+    n = int(ids.max())
+    if n == 0:
+        return None
+    onehot = (ids[None] == torch.arange(1, n + 1, device=ids.device)[:, None, None]).float()  # (n, H, W)
+    weight = object_cell_weights(onehot, f.shape[-2:])
+    keep = weight.flatten(1).sum(1) > 0  # an object wholly hidden has no pixels, so no class
+    return pool_objects(f, weight), keep, onehot
+
+
 def object_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor | None], targets: Sequence[Tensor | None]
                           ) -> Tensor | None:
     """Mean CE of ``probe`` on each object's pooled features vs that object's attributes.
@@ -303,20 +316,48 @@ def object_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor | None],
         if f is None or t is None or t.shape[0] != len(probe.heads) + 1:
             continue
         t = t.to(f.device).long()
-        ids = t[-1]
-        n = int(ids.max())
-        if n == 0:
+        objects = _objects_of(f, t)
+        if objects is None:
             continue
-        onehot = (ids[None] == torch.arange(1, n + 1, device=ids.device)[:, None, None]).float()  # (n, H, W)
-        weight = object_cell_weights(onehot, f.shape[-2:])
-        keep = weight.flatten(1).sum(1) > 0  # an object wholly hidden has no pixels, so no class
-        pooled = pool_objects(f, weight)
+        pooled, keep, onehot = objects
         # every pixel of an object has its classes, so the largest value under its map is the class
         classes = (onehot.flatten(1)[:, None, :] * t[:-1].flatten(1)[None].float()).amax(dim=2).long()  # (n, A)
         for a, logits in enumerate(probe(pooled[:, :, None, None])):
             ce = F.cross_entropy(logits.flatten(1)[keep], classes[keep, a], reduction="sum")
             total = ce if total is None else total + ce
         count += int(keep.sum()) * len(probe.heads)
+    if total is None or count == 0:
+        return None
+    return total / count
+
+
+def object_place_loss(head: nn.Linear, feats: Sequence[Tensor | None], targets: Sequence[Tensor | None]) -> Tensor | None:
+    """Mean squared error of ``head`` on each object's pooled features vs the centre of its visible pixels,
+    (x, y) normalised to the image and centred (−½ … ½), in units of the image's width and height.
+
+    Why: "the leftmost star" and "the red circle at the top" compare where objects are, but rotary positions
+    reach only attention scores: a probe on the bundled model's pooled object states told which third of the
+    image an object lies in no better than chance (``training/probe.py``). This asks the states to carry their
+    place (with ``patch_positions`` the embeddings hold it; the loss keeps it through the layers). Same inputs
+    as :func:`object_attribute_loss`; only the last map (object numbers) is read.
+    """
+    total: Tensor | None = None
+    count = 0
+    for f, t in zip(feats, targets):
+        if f is None or t is None:
+            continue
+        objects = _objects_of(f, t.to(f.device).long())
+        if objects is None:
+            continue
+        pooled, keep, onehot = objects
+        h, w = onehot.shape[-2:]
+        ys = (torch.arange(h, device=f.device, dtype=torch.float32) + 0.5) / h - 0.5
+        xs = (torch.arange(w, device=f.device, dtype=torch.float32) + 0.5) / w - 0.5
+        area = onehot.sum((1, 2)).clamp_min(1.0)
+        centre = torch.stack([(onehot.sum(1) * xs).sum(1) / area, (onehot.sum(2) * ys).sum(1) / area], 1)  # (n, 2)
+        se = F.mse_loss(head(pooled)[keep], centre[keep], reduction="sum")
+        total = se if total is None else total + se
+        count += int(keep.sum()) * 2
     if total is None or count == 0:
         return None
     return total / count

@@ -55,14 +55,15 @@ from .data import (
     batch_to_device,
 )
 from .losses import (
-    AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, object_attribute_loss, seg_query_attribute_loss,
+    AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, object_attribute_loss, object_place_loss,
+    seg_query_attribute_loss,
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Values averaged over ranks for the log (a fixed list, so every rank's all_reduce has the same shape).
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
-    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "grad_norm",
+    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "loss_aux_place", "grad_norm",
 )
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-object-weight", type=float, default=0.0,
                    help="ShapesRef only: a probe on each object's pooled patch states (its colour/shape/size as one "
                    "region, which teaches shape where per-pixel probes do not; training-only, not saved)")
+    g.add_argument("--aux-place-weight", type=float, default=0.0,
+                   help="ShapesRef only: a regression of each object's centre from its pooled patch states (positional "
+                   "phrases need the states to know where they are; training-only, not saved)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
@@ -395,6 +399,7 @@ class TrainModule(nn.Module):
         self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_object else None
+        self.aux_place = nn.Linear(cfg.text_config.hidden_size, 2) if aux and weights.aux_place > 0 else None
         self.patch_token_id = cfg.vision_patch_token_id
 
     def forward(self, batch: dict[str, Any], teacher_pixel=None, teacher_token=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -402,7 +407,8 @@ class TrainModule(nn.Module):
         res = compute_losses(out, batch["labels"], batch.get("seg_masks"), self.weights, teacher_pixel, teacher_token)
         loss, parts = res.loss, res.parts
         targets = batch.get("aux_targets", [])
-        if (self.aux_pixel is not None or self.aux_object is not None) and any(t is not None for t in targets):
+        probes = (self.aux_pixel, self.aux_object, self.aux_place)
+        if any(p is not None for p in probes) and any(t is not None for t in targets):
             tokens = []
             for b, grid in enumerate(batch["image_grid_hw"].tolist()):
                 h = out.last_hidden_state[b][batch["input_ids"][b] == self.patch_token_id]
@@ -419,6 +425,8 @@ class TrainModule(nn.Module):
             if self.aux_object is not None:
                 terms.append(("loss_aux_object", object_attribute_loss(self.aux_object, tokens, targets),
                               self.weights.aux_object))
+            if self.aux_place is not None:
+                terms.append(("loss_aux_place", object_place_loss(self.aux_place, tokens, targets), self.weights.aux_place))
             for name, a, w in terms:
                 if a is not None:
                     loss = loss + w * a
@@ -704,10 +712,10 @@ class Trainer:
         weights = LossWeights(
             text=args.text_weight, text_with_mask=args.text_weight_with_mask, bce=args.bce_weight,
             dice=args.dice_weight, distill=args.distill_weight, aux=args.aux_weight, aux_object=args.aux_object_weight,
-            num_points=args.num_points,
+            aux_place=args.aux_place_weight, num_points=args.num_points,
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
-        aux = (args.aux_weight > 0 or args.aux_object_weight > 0) and args.data == "shapesref"
+        aux = max(args.aux_weight, args.aux_object_weight, args.aux_place_weight) > 0 and args.data == "shapesref"
         self.module = TrainModule(model, weights, aux).to(self.device)
         self.module.train()
         self.wrapped = self._wrap(self.module)
@@ -780,7 +788,7 @@ class Trainer:
                 self.processor, seed=a.seed, length=a.train_size, turns_per_image=a.turns_per_image,
                 flip_prob=a.flip_prob, mix=mix, p_absent=a.p_absent,
                 curriculum_steps=a.curriculum_steps, max_prompts_per_sequence=a.max_prompts_per_sequence,
-                prompt_probs=probs, aux_targets=a.aux_weight > 0 or a.aux_object_weight > 0,
+                prompt_probs=probs, aux_targets=max(a.aux_weight, a.aux_object_weight, a.aux_place_weight) > 0,
                 generator_kwargs=gen_kwargs, appearance_prob=a.appearance_aug,
             )
         return ManifestDataset(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
-import math
-
+import numpy as np
 import pytest
 import torch
 
@@ -306,3 +306,58 @@ def test_object_attribute_loss_separates_shapes_a_per_cell_probe_cannot() -> Non
     # the block; the pooled probe did not
     wrong = int((pred[0:2, 0:2] != 1).sum()) + int((pred[3, 0:3] != 2).sum())
     assert wrong >= 3 and pooled_ok < 0.05
+
+
+def test_object_place_loss_is_the_squared_error_to_each_visible_centre() -> None:
+    from pixel_sail_ros.training.data import attribute_maps
+    from pixel_sail_ros.training.losses import object_cell_weights, object_place_loss, pool_objects
+    from pixel_sail_ros.training.shapesref import ShapesRefGenerator
+
+    torch.manual_seed(0)
+    scenes = [ShapesRefGenerator(seed=12).scene(i) for i in range(4)]
+    targets = [torch.from_numpy(attribute_maps(s, instances=True)) for s in scenes]
+    feats = [torch.randn(16, max(1, s.height // 16), max(1, s.width // 16)) for s in scenes]
+    head = torch.nn.Linear(16, 2)
+    errors = []
+    for s, f in zip(scenes, feats):  # the definition, from the scene's own object masks
+        masks = torch.from_numpy(np.stack([o.mask for o in s.objects]))
+        weights = object_cell_weights(masks, f.shape[-2:])
+        pred = head(pool_objects(f, weights))
+        for o, p, wt in zip(s.objects, pred, weights):
+            if wt.sum() > 0:
+                ys, xs = np.nonzero(o.mask)
+                centre = torch.tensor([(xs + 0.5).mean() / s.width - 0.5, (ys + 0.5).mean() / s.height - 0.5])
+                errors.append(((p - centre) ** 2).detach())
+    want = torch.cat(errors).mean()
+    torch.testing.assert_close(object_place_loss(head, feats, targets).detach(), want.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_object_place_loss_is_learned_from_states_that_know_their_place_only() -> None:
+    from pixel_sail_ros.training.data import attribute_maps
+    from pixel_sail_ros.training.losses import object_place_loss
+    from pixel_sail_ros.training.shapesref import ShapesRefGenerator
+
+    scenes = [ShapesRefGenerator(seed=13, max_side=240).scene(i) for i in range(10)]
+    targets = [torch.from_numpy(attribute_maps(s, instances=True)) for s in scenes]
+
+    def fit(with_place: bool) -> float:
+        torch.manual_seed(0)
+        feats = []
+        for s in scenes:
+            h, w = max(1, s.height // 16), max(1, s.width // 16)
+            f = torch.randn(4, h, w)
+            if with_place:  # two channels hold each cell's normalised column and row
+                f[0] = ((torch.arange(w) + 0.5) / w)[None].expand(h, w)
+                f[1] = ((torch.arange(h) + 0.5) / h)[:, None].expand(h, w)
+            feats.append(f)
+        head = torch.nn.Linear(4, 2)
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(200):
+            loss = object_place_loss(head, feats, targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
+    assert fit(True) < 0.002  # about 1/50 of the image: the pooled cells put the centre where it is
+    assert fit(False) > 0.02  # noise states: no better than guessing the middle (centres spread ~±0.3)

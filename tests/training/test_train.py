@@ -151,7 +151,8 @@ def _files(d: Path) -> set[str]:
 
 def test_exact_resume(tmp_path: Path):
     common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
-                     "--aux-weight", "1", "--aux-object-weight", "1", "--appearance-aug", "0.5"]
+                     "--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1",
+                     "--appearance-aug", "0.5"]
     a, c = tmp_path / "a", tmp_path / "c"
     assert train.main(common + ["--output-dir", str(a)]) == 0
     ckpt = a / "checkpoint-2"
@@ -169,9 +170,10 @@ def test_exact_resume(tmp_path: Path):
     assert all(torch.equal(oa[k], oc[k]) for k in oa)
     ea = load_file(str(a / "checkpoint-4" / "trainable.safetensors"))
     assert any(k.startswith("aux_") for k in ea)  # the auxiliary probes are resumed too
-    assert any(k.startswith("aux_object.") for k in ea)
+    assert any(k.startswith("aux_object.") for k in ea) and any(k.startswith("aux_place.") for k in ea)
     logged = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("loss_aux_object", 0) > 0 for r in logged)  # the per-object loss ran and was logged
+    assert any(r.get("loss_aux_place", 0) > 0 for r in logged)
     # and it really trained: weights moved away from step 2
     w2 = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(w2[k], wa[k]) for k in wa)
