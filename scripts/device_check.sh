@@ -30,7 +30,8 @@ TESTS=${TESTS:-tests/model}  # the pytest selection for step 1 (its CUDA-marked 
 BENCH=${BENCH:-1}            # 0 skips step 2
 BENCH_DECODING=${BENCH_DECODING:-"dynamic graphs"}  # one bench JSON per decoding mode
 OVERRIDES=${OVERRIDES:-'{}'}   # training: --model-overrides JSON, e.g. '{"mrope_layout": "interleaved"}'
-AUX_OBJECT=${AUX_OBJECT:-1.0} # training: --aux-object-weight
+AUX_OBJECT=${AUX_OBJECT:-1.5} # training: --aux-object-weight (stage 6)
+AUX_PLACE=${AUX_PLACE:-5.0}   # training: --aux-place-weight (stage 6)
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -82,7 +83,7 @@ if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
     rm -rf "$RUN"
     timeout $(( ${TRAIN_MINUTES%.*} * 60 + 150 )) "$PY" -m pixel_sail_ros.training.train --init "$INIT" --data shapesref \
         --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps "${WARMUP:-100}" \
-        --model-overrides "$OVERRIDES" --aux-object-weight "$AUX_OBJECT" \
+        --model-overrides "$OVERRIDES" --aux-object-weight "$AUX_OBJECT" --aux-place-weight "$AUX_PLACE" \
         --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent 0.35 --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
         --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --schedule-over-time --log-every 50 \
         --eval-every 0 --save-every 0 --no-progress \

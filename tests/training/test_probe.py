@@ -27,10 +27,11 @@ def test_probe_report_on_the_bundled_model() -> None:
     assert report["tokens"]["colour"]["all"] > 0.9
     assert report["tokens"]["size"]["all"] > report["patches"]["size"]["all"]
     # an object's mean pixels do not say where it is (3 thirds: chance is about 1/3); the states of a model
-    # that adds each patch's place to its embedding do
+    # that adds each patch's place to its embedding do (stage 6, 300 scenes: 0.86 / 0.88; stage 5, without it: 0.37
+    # / 0.33; this smaller set reads a little lower)
     assert report["patches"]["column third"]["all"] < 0.5
     if engine.model.config.patch_positions:
-        assert report["tokens"]["column third"]["all"] > 0.8 and report["tokens"]["row third"]["all"] > 0.8
+        assert report["tokens"]["column third"]["all"] > 0.6 and report["tokens"]["row third"]["all"] > 0.6
     # with the paper's chunked rotary a trained model hardly tells its columns apart (tests/model/test_rotary.py:
     # why); with the interleaved layout it does
     sens = report["position_sensitivity"]
