@@ -312,6 +312,11 @@ def init_from_llm(llm_dir: str | Path, preset: str, overrides: dict[str, Any]) -
     return model, processor
 
 
+def wants_attribute_maps(args: argparse.Namespace) -> bool:
+    """Whether any auxiliary probe counts, so ShapesRef items must carry attribute and object-number maps."""
+    return max(args.aux_weight, args.aux_object_weight, args.aux_place_weight) > 0
+
+
 def build_model(args: argparse.Namespace, distill_dims: tuple[int, int]) -> tuple[PixelSailForConditionalGeneration, PixelSailProcessor]:
     """The starting model and its processor, from --init / --init-llm / --preset."""
     overrides = _parse_overrides(args.model_overrides)
@@ -715,7 +720,7 @@ class Trainer:
             aux_place=args.aux_place_weight, num_points=args.num_points,
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
-        aux = max(args.aux_weight, args.aux_object_weight, args.aux_place_weight) > 0 and args.data == "shapesref"
+        aux = wants_attribute_maps(args) and args.data == "shapesref"
         self.module = TrainModule(model, weights, aux).to(self.device)
         self.module.train()
         self.wrapped = self._wrap(self.module)
@@ -788,7 +793,7 @@ class Trainer:
                 self.processor, seed=a.seed, length=a.train_size, turns_per_image=a.turns_per_image,
                 flip_prob=a.flip_prob, mix=mix, p_absent=a.p_absent,
                 curriculum_steps=a.curriculum_steps, max_prompts_per_sequence=a.max_prompts_per_sequence,
-                prompt_probs=probs, aux_targets=max(a.aux_weight, a.aux_object_weight, a.aux_place_weight) > 0,
+                prompt_probs=probs, aux_targets=wants_attribute_maps(a),
                 generator_kwargs=gen_kwargs, appearance_prob=a.appearance_aug,
             )
         return ManifestDataset(
