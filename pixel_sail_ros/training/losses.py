@@ -40,6 +40,7 @@ class LossWeights:
     aux: float = 1.0
     aux_object: float = 0.0
     aux_place: float = 0.0
+    aux_query_place: float = 0.0
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
@@ -331,6 +332,17 @@ def object_attribute_loss(probe: AttributeProbe, feats: Sequence[Tensor | None],
     return total / count
 
 
+def mask_centres(masks: Tensor) -> Tensor:
+    """(n, H, W) masks → (n, 2) centres (x, y) of their pixels, normalised to the image and centred (−½ … ½);
+    (0, 0) for an empty mask."""
+    h, w = masks.shape[-2:]
+    m = masks.float()
+    ys = (torch.arange(h, device=m.device, dtype=torch.float32) + 0.5) / h - 0.5
+    xs = (torch.arange(w, device=m.device, dtype=torch.float32) + 0.5) / w - 0.5
+    area = m.sum((1, 2)).clamp_min(1.0)
+    return torch.stack([(m.sum(1) * xs).sum(1) / area, (m.sum(2) * ys).sum(1) / area], 1)
+
+
 def object_place_loss(head: nn.Linear, feats: Sequence[Tensor | None], targets: Sequence[Tensor | None]) -> Tensor | None:
     """Mean squared error of ``head`` on each object's pooled features vs the centre of its visible pixels,
     (x, y) normalised to the image and centred (−½ … ½), in units of the image's width and height.
@@ -350,12 +362,38 @@ def object_place_loss(head: nn.Linear, feats: Sequence[Tensor | None], targets: 
         if objects is None:
             continue
         pooled, keep, onehot = objects
-        h, w = onehot.shape[-2:]
-        ys = (torch.arange(h, device=f.device, dtype=torch.float32) + 0.5) / h - 0.5
-        xs = (torch.arange(w, device=f.device, dtype=torch.float32) + 0.5) / w - 0.5
-        area = onehot.sum((1, 2)).clamp_min(1.0)
-        centre = torch.stack([(onehot.sum(1) * xs).sum(1) / area, (onehot.sum(2) * ys).sum(1) / area], 1)  # (n, 2)
-        se = F.mse_loss(head(pooled)[keep], centre[keep], reduction="sum")
+        se = F.mse_loss(head(pooled)[keep], mask_centres(onehot)[keep], reduction="sum")
+        total = se if total is None else total + se
+        count += int(keep.sum()) * 2
+    if total is None or count == 0:
+        return None
+    return total / count
+
+
+def query_place_loss(head: nn.Linear, seg_states: Sequence[Tensor | None], seg_masks: Sequence[Tensor | None] | None
+                     ) -> Tensor | None:
+    """Mean squared error of ``head`` on each [SEG] token's hidden state vs the centre of the mask it must make
+    (same units as :func:`object_place_loss`; empty masks are skipped).
+
+    Why: with ``object_place_loss`` the patch states know where each object lies, yet the bundled model still
+    picked the wrong one of two red circles for "the red circle on the left" (cIoU 0.29 on that phrasing,
+    0.86 on "red circle"). The mask is the [SEG] query against the states; this asks the query to say *where*
+    its object is, through the same head, so query and objects carry place in one subspace. ``seg_states[b]``:
+    (n, hidden) in order of the [SEG] tokens, ``seg_masks[b]``: (n, H, W), as the mask loss pairs them.
+    """
+    if seg_masks is None:
+        return None
+    total: Tensor | None = None
+    count = 0
+    for q, masks in zip(seg_states, seg_masks):
+        if q is None or masks is None or q.shape[0] == 0:
+            continue
+        n = min(q.shape[0], masks.shape[0])
+        masks = masks[:n].to(q.device)
+        keep = masks.flatten(1).any(dim=1)
+        if not bool(keep.any()):
+            continue
+        se = F.mse_loss(head(q[:n].float())[keep], mask_centres(masks)[keep], reduction="sum")
         total = se if total is None else total + se
         count += int(keep.sum()) * 2
     if total is None or count == 0:

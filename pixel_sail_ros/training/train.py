@@ -56,14 +56,15 @@ from .data import (
 )
 from .losses import (
     AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, object_attribute_loss, object_place_loss,
-    seg_query_attribute_loss,
+    query_place_loss, seg_query_attribute_loss,
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Values averaged over ranks for the log (a fixed list, so every rank's all_reduce has the same shape).
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
-    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "loss_aux_place", "grad_norm",
+    "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "loss_aux_place", "loss_aux_query_place",
+    "grad_norm",
 )
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-place-weight", type=float, default=0.0,
                    help="ShapesRef only: a regression of each object's centre from its pooled patch states (positional "
                    "phrases need the states to know where they are; training-only, not saved)")
+    g.add_argument("--aux-query-place-weight", type=float, default=0.0,
+                   help="a regression of the centre of each [SEG] token's target mask from its hidden state, through "
+                   "the same head as --aux-place-weight (the query must say where its object is; any data with "
+                   "masks; training-only, not saved)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
@@ -231,6 +236,7 @@ class Dist:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it
             dist.destroy_process_group()
 
 
@@ -404,8 +410,10 @@ class TrainModule(nn.Module):
         self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_object else None
-        self.aux_place = nn.Linear(cfg.text_config.hidden_size, 2) if aux and weights.aux_place > 0 else None
+        place = (aux and weights.aux_place > 0) or weights.aux_query_place > 0
+        self.aux_place = nn.Linear(cfg.text_config.hidden_size, 2) if place else None
         self.patch_token_id = cfg.vision_patch_token_id
+        self.seg_token_id = cfg.seg_token_id
 
     def forward(self, batch: dict[str, Any], teacher_pixel=None, teacher_token=None) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.model(**PixelSailProcessor.model_inputs(batch))
@@ -430,13 +438,14 @@ class TrainModule(nn.Module):
             if self.aux_object is not None:
                 terms.append(("loss_aux_object", object_attribute_loss(self.aux_object, tokens, targets),
                               self.weights.aux_object))
-            if self.aux_place is not None:
+            if self.aux_place is not None and self.weights.aux_place > 0:
                 terms.append(("loss_aux_place", object_place_loss(self.aux_place, tokens, targets), self.weights.aux_place))
-            for name, a, w in terms:
-                if a is not None:
-                    loss = loss + w * a
-                    parts[name] = float(a.detach())
-            parts["loss"] = float(loss.detach())
+            loss = self._add_terms(loss, parts, terms)
+        if self.aux_place is not None and self.weights.aux_query_place > 0:
+            queries = [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
+            loss = self._add_terms(loss, parts, [(
+                "loss_aux_query_place", query_place_loss(self.aux_place, queries, batch.get("seg_masks")),
+                self.weights.aux_query_place)])
         # Give every trainable parameter a gradient on every rank (0 where unused this batch, e.g. vp_embed
         # without visual prompts): DDP then needs no unused-parameter search and FSDP's reduce-scatters
         # have the same shape on all ranks. The decoder layers are always used.
@@ -444,6 +453,17 @@ class TrainModule(nn.Module):
         if touch:
             loss = loss + 0.0 * torch.cat(touch).sum()
         return loss, parts
+
+    @staticmethod
+    def _add_terms(loss: torch.Tensor, parts: dict[str, float], terms: list[tuple[str, torch.Tensor | None, float]]
+                   ) -> torch.Tensor:
+        """``loss`` plus each weighted term that applies to this batch (None: it does not); logs each."""
+        for name, a, w in terms:
+            if a is not None:
+                loss = loss + w * a
+                parts[name] = float(a.detach())
+        parts["loss"] = float(loss.detach())
+        return loss
 
 
 # ============================================================================================ teachers
@@ -717,7 +737,7 @@ class Trainer:
         weights = LossWeights(
             text=args.text_weight, text_with_mask=args.text_weight_with_mask, bce=args.bce_weight,
             dice=args.dice_weight, distill=args.distill_weight, aux=args.aux_weight, aux_object=args.aux_object_weight,
-            aux_place=args.aux_place_weight, num_points=args.num_points,
+            aux_place=args.aux_place_weight, aux_query_place=args.aux_query_place_weight, num_points=args.num_points,
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
         aux = wants_attribute_maps(args) and args.data == "shapesref"

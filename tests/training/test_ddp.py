@@ -50,6 +50,9 @@ def _worker(rank: int, port: int, runs: list[list[str]], result_dir: str) -> Non
                 state = {k: v.detach().clone() for k, v in train.base_model(trainer.module.model).state_dict().items()}
                 state.pop("lm_head.weight", None)
             save_file({k: v.contiguous() for k, v in state.items()}, str(Path(result_dir) / f"run{i}_rank{rank}.safetensors"))
+        # Both ranks reach the teardown together: once in CI a rank that destroyed the group while the other was
+        # still writing its file died in gloo's teardown ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

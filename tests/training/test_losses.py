@@ -361,3 +361,47 @@ def test_object_place_loss_is_learned_from_states_that_know_their_place_only() -
 
     assert fit(True) < 0.002  # about 1/50 of the image: the pooled cells put the centre where it is
     assert fit(False) > 0.02  # noise states: no better than guessing the middle (centres spread ~±0.3)
+
+
+def test_query_place_loss_is_the_squared_error_to_each_target_mask_centre() -> None:
+    from pixel_sail_ros.training.losses import query_place_loss
+
+    torch.manual_seed(0)
+    h, w = 30, 40
+    masks = torch.zeros(3, h, w)
+    masks[0, 2:8, 4:10] = 1  # a block at the top left
+    masks[1, 20:30, 30:40] = 1  # one in the bottom-right corner
+    # masks[2] is empty (a target wholly hidden): it teaches nothing
+    states = torch.randn(3, 8)
+    head = torch.nn.Linear(8, 2)
+    pred = head(states)
+    want_centres = torch.tensor([[7 / w - 0.5, 5 / h - 0.5], [35 / w - 0.5, 25 / h - 0.5]])
+    want = ((pred[:2] - want_centres) ** 2).mean()
+    got = query_place_loss(head, [states, None, torch.zeros(0, 8)], [masks, None, torch.zeros(0, h, w)])
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-7)
+    # more queries than masks (a truncated sequence): the pairs in order, as the mask loss pairs them
+    torch.testing.assert_close(query_place_loss(head, [states[:2]], [masks]).detach(), want.detach())
+    assert query_place_loss(head, [states[2:]], [masks[2:]]) is None
+    assert query_place_loss(head, [states], None) is None
+
+
+def test_query_place_loss_trains_the_query_through_the_shared_head() -> None:
+    """Gradient reaches the [SEG] states and the head; a query that can carry the target's place learns it."""
+    from pixel_sail_ros.training.losses import query_place_loss
+
+    torch.manual_seed(0)
+    h, w = 24, 24
+    masks = torch.zeros(16, h, w)
+    centres = torch.randint(3, 21, (16, 2))
+    for m, (x, y) in zip(masks, centres.tolist()):
+        m[y - 2:y + 3, x - 2:x + 3] = 1
+    states = torch.zeros(16, 6, requires_grad=True)  # free per-query states, as the transformer can make them
+    head = torch.nn.Linear(6, 2)
+    opt = torch.optim.Adam([states, *head.parameters()], lr=0.05)
+    first = float(query_place_loss(head, [states], [masks]).detach())
+    for _ in range(200):
+        loss = query_place_loss(head, [states], [masks])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.02 and float(loss.detach()) < 1e-4

@@ -151,7 +151,7 @@ def _files(d: Path) -> set[str]:
 
 def test_exact_resume(tmp_path: Path):
     common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
-                     "--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1",
+                     "--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1", "--aux-query-place-weight", "1",
                      "--appearance-aug", "0.5"]
     a, c = tmp_path / "a", tmp_path / "c"
     assert train.main(common + ["--output-dir", str(a)]) == 0
@@ -174,6 +174,7 @@ def test_exact_resume(tmp_path: Path):
     logged = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("loss_aux_object", 0) > 0 for r in logged)  # the per-object loss ran and was logged
     assert any(r.get("loss_aux_place", 0) > 0 for r in logged)
+    assert any(r.get("loss_aux_query_place", 0) > 0 for r in logged)
     # and it really trained: weights moved away from step 2
     w2 = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(w2[k], wa[k]) for k in wa)
