@@ -1142,6 +1142,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("flip_prob", "appearance_aug"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             raise SystemExit(f"--{flag.replace('_', '-')} is a probability: give a value in [0, 1]")
+    weights = [k for k in vars(args) if k.endswith("_weight") or k == "text_weight_with_mask"]
+    negative = [k for k in weights if getattr(args, k) < 0]
+    if negative:  # a negative weight would train the model to do worse on that term
+        raise SystemExit(f"loss weights must be >= 0: {', '.join('--' + k.replace('_', '-') for k in negative)}")
     if args.data is None and args.manifest is None and not args.max_steps:
         raise SystemExit("--max-steps is required with ShapesRef (it is endless)")
     if args.schedule_over_time and not args.time_budget_minutes:

@@ -343,3 +343,10 @@ def test_shapesref_items_are_keyed_packed_and_flipped():
     assert (scene.image == data.generator.scene(i).image[:, ::-1]).all()
     ids = data[(i, 0, 0)].sequences[0].aux_targets[-1]  # the object numbers are flipped with the image
     assert all((ids == 1 + k)[o.mask].all() for k, o in enumerate(scene.objects))
+
+
+def test_a_negative_loss_weight_is_refused_before_anything_starts(tmp_path: Path):
+    with pytest.raises(SystemExit, match="loss weights must be >= 0: --dice-weight, --aux-query-place-weight$"):
+        train.main(["--data", "shapesref", "--max-steps", "1", "--aux-query-place-weight", "-1", "--dice-weight", "-0.5",
+                    "--output-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
