@@ -59,6 +59,7 @@ class EvalTotals:
     n_answers: int = 0
     n_answers_correct: int = 0
     n_wrong_object: int = 0
+    wrong_by_template: dict[str, int] = field(default_factory=lambda: {t: 0 for t in sr.TEMPLATES})
     num_samples: int = 0
 
     _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "n_wrong_object",
@@ -69,13 +70,16 @@ class EvalTotals:
 
     def vector(self) -> list[float]:
         counts = [float(v) for a in self._accumulators() for v in vars(a).values()]
-        return counts + [float(getattr(self, k)) for k in self._SCALARS]
+        wrong = [float(self.wrong_by_template[t]) for t in sr.TEMPLATES]
+        return counts + wrong + [float(getattr(self, k)) for k in self._SCALARS]
 
     def set_vector(self, values: list[float]) -> None:
         it = iter(values)
         for a in self._accumulators():
             for name, v in zip(list(vars(a)), it):
                 setattr(a, name, type(getattr(a, name))(v))
+        for t, v in zip(sr.TEMPLATES, it):
+            self.wrong_by_template[t] = int(round(v))
         for name, v in zip(self._SCALARS, it):
             setattr(self, name, int(round(v)))
 
@@ -91,7 +95,8 @@ class EvalTotals:
         for t, a in self.templates.items():
             if a.n_seg:
                 r = a.compute()
-                per[t] = {"n": a.n_seg, **{k: r[k] for k in ("ciou", "giou", "no_target_accuracy", "target_found_accuracy")}}
+                per[t] = {"n": a.n_seg, **{k: r[k] for k in ("ciou", "giou", "no_target_accuracy", "target_found_accuracy")},
+                          "wrong_object_rate": self.wrong_by_template[t] / a.n_present if a.n_present else None}
         if per:
             out["per_template"] = per
         out["num_samples"] = self.num_samples
@@ -152,7 +157,9 @@ def evaluate_shapesref(
             score = totals.acc.add_segmentation(pred, s.target)
             totals.templates[s.expression.template].add_segmentation(pred, s.target)
             if s.expression.target is not None:
-                totals.n_wrong_object += covers_another_object(pred, scene, s.expression.target)
+                wrong = covers_another_object(pred, scene, s.expression.target)
+                totals.n_wrong_object += wrong
+                totals.wrong_by_template[s.expression.template] += wrong
             if len(examples) < num_examples:
                 answer = out.answers[0] if out.answers else ""
                 examples.append({"image": image, "gt": s.target, "pred": pred, "title": s.expression.text,

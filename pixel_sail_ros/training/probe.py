@@ -6,6 +6,9 @@ side. For held-out ShapesRef scenes it pools each object's cells (:func:`.losses
 last-layer ``<vpatch>`` states, and of the raw patches for comparison, fits one linear classifier per
 attribute (and for which third of the image, across and down, the object lies in) on the first 70 % of the objects
 and reports its accuracy on the rest, overall and per size class.
+The same probe reads the ``[SEG]`` query of referring questions about those scenes: does the query say
+which third of the image its target lies in, for plain phrases ("the red circle") and positional ones
+("the leftmost star")? A query that does not know where its object is can only pick it by look.
 It also reports how much the image states change when the row or the column positions of the patches are
 mirrored (pixels unchanged): a model that cannot tell its columns apart cannot see shape or left/right
 (``mrope_layout`` in the model's config).
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import PixelSailEngine
+from ..model.processing_pixel_sail import refer_seg_question
 from . import shapesref as sr
 from .data import AUX_ATTRIBUTES
 from .losses import object_cell_weights, pool_objects
@@ -89,6 +93,46 @@ def object_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_
     return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels)}
 
 
+POSITIONAL_TEMPLATES = (sr.T_SIDE, sr.T_VERTICAL, sr.T_EXTREME)
+
+
+@torch.no_grad()
+def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_SEED, per_group: int = 2
+                   ) -> dict[str, Any]:
+    """The ``[SEG]`` embedding the model makes for up to ``per_group`` plain and as many positional phrases per
+    scene (a 128-wide embedding needs many samples for a linear probe that does not just memorise), with the target's column and row third and whether the phrase was positional.
+
+    The model answers freely (greedy, as the engine does); a phrase it answers without ``[SEG]`` is counted,
+    not probed.
+    """
+    gen = sr.ShapesRefGenerator(seed=seed)
+    rng = np.random.default_rng(seed)
+    feats: list[np.ndarray] = []
+    labels: list[tuple[int, int, int]] = []
+    asked = 0
+    for i in range(num_scenes):
+        scene = gen.scene(i)
+        _, prefix = prefill_image(engine.model, engine.processor, scene.image)
+        present = [e for e in sr.expressions(scene, rng, n_absent=0) if e.target is not None]
+        for positional in (False, True):
+            group = [e for e in present if (e.template in POSITIONAL_TEMPLATES) == positional]
+            if not group:
+                continue
+            for j in rng.permutation(len(group))[:per_group]:
+                e = group[int(j)]
+                asked += 1
+                answer = engine.model.generate_answer(
+                    prefix, engine.processor.encode_question(refer_seg_question(e.text)), max_new_tokens=8,
+                    stop_token_ids=engine.stop_token_ids,
+                )
+                if answer.seg_embeddings.shape[0] == 0:
+                    continue
+                o = scene.objects[e.target]
+                feats.append(answer.seg_embeddings[0].float().cpu().numpy())
+                labels.append((_third(o.center[0], scene.width), _third(o.center[1], scene.height), int(positional)))
+    return {"features": np.stack(feats), "labels": np.array(labels), "asked": asked}
+
+
 # What the probe reads besides the attributes: which third of the image (left/middle/right, top/middle/bottom)
 # an object's centre lies in. Positional phrases ("the leftmost star") need it in the states, not only in the
 # attention scores that rotary positions reach (``patch_positions`` in the model's config).
@@ -121,8 +165,8 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac
 
 
 def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PROBE_SEED) -> dict[str, Any]:
-    """{features: {attribute: {all, large, small}}} held-out probe accuracies, object counts, and the
-    image states' sensitivity to row / column positions."""
+    """{features: {attribute: {all, large, small}}} held-out probe accuracies, object counts, the image states'
+    sensitivity to row / column positions, and {query: {place: {all, plain, positional}}} for the [SEG] queries."""
     data = object_features(engine, num_scenes, seed)
     y = data["labels"]
     n_train = int(0.7 * len(y))
@@ -137,6 +181,14 @@ def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PRO
             right = linear_probe_accuracy(x, y[:, a], classes)
             report[name][attr] = {"all": round(float(right.mean()), 3), "large": round(float(right[large].mean()), 3),
                                   "small": round(float(right[~large].mean()), 3)}
+    q = query_features(engine, num_scenes, seed)
+    qy = q["labels"]
+    positional = qy[int(0.7 * len(qy)):, 2] == 1
+    report["query"] = {"asked": q["asked"], "with_seg": int(len(qy)), "held_out": int(len(qy) - int(0.7 * len(qy)))}
+    for a, (place, classes) in enumerate(PLACES.items()):
+        right = linear_probe_accuracy(q["features"], qy[:, a], classes)
+        report["query"][place] = {"all": round(float(right.mean()), 3), "plain": round(float(right[~positional].mean()), 3),
+                                  "positional": round(float(right[positional].mean()), 3)}
     return report
 
 

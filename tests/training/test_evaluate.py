@@ -101,6 +101,7 @@ def test_metrics_are_perfect_for_an_oracle_and_shard_cleanly():
     assert r["wrong_object_rate"] == 0.0
     assert sum(v["n"] for v in r["per_template"].values()) == r["n_segmentation"]
     assert all(v["ciou"] == 1.0 for v in r["per_template"].values())
+    assert all(v["wrong_object_rate"] in (None, 0.0) for v in r["per_template"].values())
     # two "ranks" summed give the same counters as one pass (what all_reduce does under DDP)
     parts = [evaluate.evaluate_shapesref(oracle, seed=3, num_samples=16, rank=k, world_size=2)[0] for k in (0, 1)]
     merged = evaluate.EvalTotals()
@@ -140,6 +141,14 @@ def test_wrong_object_rate_and_per_template_scores_find_a_wrong_choice_of_object
     for v in per.values():  # absent targets stay right, present ones score no better than the objects' overlap
         assert v["no_target_accuracy"] in (None, 1.0)
         assert v["target_found_accuracy"] is None or v["ciou"] < 0.5
+        assert v["wrong_object_rate"] in (None, 1.0)  # every present target of every phrasing: the wrong object
+    assert any(v["wrong_object_rate"] == 1.0 for v in per.values())
+    # the per-phrasing counts survive the sum over ranks
+    parts = [evaluate.evaluate_shapesref(NeighbourEngine(seed=5, n=24), seed=5, num_samples=24, rank=k, world_size=2)[0]
+             for k in (0, 1)]
+    merged = evaluate.EvalTotals()
+    merged.set_vector([x + y for x, y in zip(parts[0].vector(), parts[1].vector())])
+    assert merged.compute() == r
 
 
 def test_covers_another_object_compares_overlaps():
