@@ -59,11 +59,12 @@ class EvalTotals:
     n_answers: int = 0
     n_answers_correct: int = 0
     n_wrong_object: int = 0
+    n_wrong_larger: int = 0  # ... of which the object chosen instead is the larger (shows more pixels)
     wrong_by_template: dict[str, int] = field(default_factory=lambda: {t: 0 for t in sr.TEMPLATES})
     num_samples: int = 0
 
     _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "n_wrong_object",
-                "num_samples")
+                "n_wrong_larger", "num_samples")
 
     def _accumulators(self) -> list[MetricAccumulator]:
         return [self.acc, *(self.templates[t] for t in sr.TEMPLATES)]
@@ -91,6 +92,8 @@ class EvalTotals:
         out["answer_accuracy"] = None if self.n_answers == 0 else self.n_answers_correct / self.n_answers
         n_present = self.acc.n_present
         out["wrong_object_rate"] = None if n_present == 0 else self.n_wrong_object / n_present
+        # a bias, if any: does a wrong choice go to the bigger of the look-alikes?
+        out["wrong_object_larger_share"] = None if self.n_wrong_object == 0 else self.n_wrong_larger / self.n_wrong_object
         per = {}
         for t, a in self.templates.items():
             if a.n_seg:
@@ -103,10 +106,12 @@ class EvalTotals:
         return out
 
 
-def covers_another_object(pred: np.ndarray, scene: sr.Scene, target: int) -> bool:
-    """Whether a mask overlaps some other object of the scene more than the object it should cover."""
+def wrong_object(pred: np.ndarray, scene: sr.Scene, target: int) -> int | None:
+    """The other object a mask overlaps most, when that is more than the object it should cover; else None."""
     own = int((pred & scene.objects[target].mask).sum())
-    return any(int((pred & o.mask).sum()) > own for k, o in enumerate(scene.objects) if k != target)
+    overlaps = [(int((pred & o.mask).sum()), k) for k, o in enumerate(scene.objects) if k != target]
+    best, k = max(overlaps, default=(0, None))
+    return k if best > own else None
 
 
 def all_reduce_accumulator(totals: EvalTotals, device: torch.device) -> EvalTotals:
@@ -157,9 +162,11 @@ def evaluate_shapesref(
             score = totals.acc.add_segmentation(pred, s.target)
             totals.templates[s.expression.template].add_segmentation(pred, s.target)
             if s.expression.target is not None:
-                wrong = covers_another_object(pred, scene, s.expression.target)
-                totals.n_wrong_object += wrong
-                totals.wrong_by_template[s.expression.template] += wrong
+                other = wrong_object(pred, scene, s.expression.target)
+                if other is not None:
+                    totals.n_wrong_object += 1
+                    totals.wrong_by_template[s.expression.template] += 1
+                    totals.n_wrong_larger += int(scene.objects[other].mask.sum() > scene.objects[s.expression.target].mask.sum())
             if len(examples) < num_examples:
                 answer = out.answers[0] if out.answers else ""
                 examples.append({"image": image, "gt": s.target, "pred": pred, "title": s.expression.text,

@@ -135,6 +135,16 @@ class NeighbourEngine(OracleEngine):
 def test_wrong_object_rate_and_per_template_scores_find_a_wrong_choice_of_object():
     r = evaluate.evaluate_shapesref(NeighbourEngine(seed=5, n=24), seed=5, num_samples=24)[0].compute()
     assert r["wrong_object_rate"] == 1.0
+    # the neighbour is the next object in drawing order: larger about as often as not, and exactly as often as
+    # the scenes say
+    larger = []
+    gen = sr.ShapesRefGenerator(seed=5)
+    for i in range(24):
+        scene, s = evaluate.shapesref_eval_item(gen, i)
+        if s.task == "referring" and s.expression.target is not None:
+            t = s.expression.target
+            larger.append(scene.objects[(t + 1) % len(scene.objects)].mask.sum() > scene.objects[t].mask.sum())
+    assert r["wrong_object_larger_share"] == pytest.approx(np.mean(larger)) and 0 < np.mean(larger) < 1
     assert r["target_found_accuracy"] == 1.0  # every mask is non-empty: only the new figure tells the failure
     per = r["per_template"]
     assert set(per) <= set(sr.TEMPLATES) and len(per) >= 3
@@ -151,9 +161,10 @@ def test_wrong_object_rate_and_per_template_scores_find_a_wrong_choice_of_object
     assert merged.compute() == r
 
 
-def test_covers_another_object_compares_overlaps():
+def test_wrong_object_compares_overlaps():
     scene = sr.ShapesRefGenerator(seed=1).scene(0)
     a, b = scene.objects[0].mask, scene.objects[1].mask
-    assert not evaluate.covers_another_object(a, scene, 0)
-    assert evaluate.covers_another_object(b, scene, 0)
-    assert not evaluate.covers_another_object(np.zeros_like(a), scene, 0)  # an empty mask is a miss, not a wrong pick
+    assert evaluate.wrong_object(a, scene, 0) is None
+    assert evaluate.wrong_object(b, scene, 0) == 1
+    assert evaluate.wrong_object(a | b, scene, 1 if a.sum() > b.sum() else 0) is not None  # both: the bigger wins
+    assert evaluate.wrong_object(np.zeros_like(a), scene, 0) is None  # an empty mask is a miss, not a wrong pick
