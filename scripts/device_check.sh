@@ -32,7 +32,7 @@ BENCH_DECODING=${BENCH_DECODING:-"dynamic graphs"}  # one bench JSON per decodin
 OVERRIDES=${OVERRIDES:-'{}'}   # training: --model-overrides JSON, e.g. '{"mrope_layout": "interleaved"}'
 AUX_OBJECT=${AUX_OBJECT:-1.5} # training: --aux-object-weight (stage 6)
 AUX_PLACE=${AUX_PLACE:-5.0}   # training: --aux-place-weight (stage 6)
-AUX_QUERY_PLACE=${AUX_QUERY_PLACE:-0}  # training: --aux-query-place-weight
+AUX_QUERY_PLACE=${AUX_QUERY_PLACE:-5.0}  # training: --aux-query-place-weight (stage 7)
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"

@@ -107,9 +107,11 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
     """
     gen = sr.ShapesRefGenerator(seed=seed)
     rng = np.random.default_rng(seed)
-    feats: list[np.ndarray] = []
+    feats: dict[str, list[np.ndarray]] = {"state": [], "embedding": []}
     labels: list[tuple[int, int, int]] = []
     asked = 0
+    states: list[torch.Tensor] = []  # the projector's input: the [SEG] token's last hidden state
+    hook = engine.model.seg_token_projector.register_forward_hook(lambda _m, args, _out: states.append(args[0]))
     for i in range(num_scenes):
         scene = gen.scene(i)
         _, prefix = prefill_image(engine.model, engine.processor, scene.image)
@@ -121,6 +123,7 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
             for j in rng.permutation(len(group))[:per_group]:
                 e = group[int(j)]
                 asked += 1
+                states.clear()
                 answer = engine.model.generate_answer(
                     prefix, engine.processor.encode_question(refer_seg_question(e.text)), max_new_tokens=8,
                     stop_token_ids=engine.stop_token_ids,
@@ -128,9 +131,11 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
                 if answer.seg_embeddings.shape[0] == 0:
                     continue
                 o = scene.objects[e.target]
-                feats.append(answer.seg_embeddings[0].float().cpu().numpy())
+                feats["embedding"].append(answer.seg_embeddings[0].float().cpu().numpy())
+                feats["state"].append(states[-1].reshape(-1, states[-1].shape[-1])[0].float().cpu().numpy())
                 labels.append((_third(o.center[0], scene.width), _third(o.center[1], scene.height), int(positional)))
-    return {"features": np.stack(feats), "labels": np.array(labels), "asked": asked}
+    hook.remove()
+    return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels), "asked": asked}
 
 
 # What the probe reads besides the attributes: which third of the image (left/middle/right, top/middle/bottom)
@@ -166,7 +171,8 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac
 
 def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PROBE_SEED) -> dict[str, Any]:
     """{features: {attribute: {all, large, small}}} held-out probe accuracies, object counts, the image states'
-    sensitivity to row / column positions, and {query: {place: {all, plain, positional}}} for the [SEG] queries."""
+    sensitivity to row / column positions, and {query: {state|embedding: {place: {all, plain, positional}}}} for
+    the [SEG] queries (their hidden state, and its projection that makes the mask)."""
     data = object_features(engine, num_scenes, seed)
     y = data["labels"]
     n_train = int(0.7 * len(y))
@@ -185,10 +191,13 @@ def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PRO
     qy = q["labels"]
     positional = qy[int(0.7 * len(qy)):, 2] == 1
     report["query"] = {"asked": q["asked"], "with_seg": int(len(qy)), "held_out": int(len(qy) - int(0.7 * len(qy)))}
-    for a, (place, classes) in enumerate(PLACES.items()):
-        right = linear_probe_accuracy(q["features"], qy[:, a], classes)
-        report["query"][place] = {"all": round(float(right.mean()), 3), "plain": round(float(right[~positional].mean()), 3),
-                                  "positional": round(float(right[positional].mean()), 3)}
+    for name, x in q["features"].items():  # the hidden state, and the embedding the mask is made with
+        report["query"][name] = {}
+        for a, (place, classes) in enumerate(PLACES.items()):
+            right = linear_probe_accuracy(x, qy[:, a], classes)
+            report["query"][name][place] = {"all": round(float(right.mean()), 3),
+                                            "plain": round(float(right[~positional].mean()), 3),
+                                            "positional": round(float(right[positional].mean()), 3)}
     return report
 
 

@@ -40,16 +40,17 @@ def test_eval_reproduces_the_recorded_numbers() -> None:
 def test_another_renderer_or_camera_costs_the_bundled_model_little() -> None:
     """It will be judged on scenes no one here generated: it must have learned the objects, not this renderer.
 
-    The same 200 held-out samples, drawn with a pentagram's sharper stars and through JPEG at quality 40
-    (``training/appearance.py``), against the plain rendering.
+    The recorded held-out samples (500), drawn with a pentagram's sharper stars and through JPEG at quality 40
+    (``training/appearance.py``), against the recorded plain figures (which the test above reproduces). 200
+    samples were too few: the positional phrasings have 12-25 each there, and stage 7 lost 0.051 cIoU to the
+    pentagram stars on the first 200 but 0.017 on all 500 (stage 6: 0.025 and 0.003).
     """
     from pixel_sail_ros.engine import PixelSailEngine
     from pixel_sail_ros.training.evaluate import evaluate_shapesref
 
+    plain = json.loads(RECORD.read_text())
     engine = PixelSailEngine.from_pretrained(str(BUNDLED), device="cpu")
-    scores = {a: evaluate_shapesref(engine, num_samples=200, appearance=a)[0].compute()
-              for a in ("none", "pointed-stars", "jpeg")}
-    plain = scores.pop("none")
-    for name, r in scores.items():
+    for name in ("pointed-stars", "jpeg"):
+        r = evaluate_shapesref(engine, seed=plain["seed"], num_samples=plain["num_samples"], appearance=name)[0].compute()
         assert r["ciou"] >= plain["ciou"] - 0.05, (name, r["ciou"], plain["ciou"])
-        assert r["description_accuracy"] >= plain["description_accuracy"] - 0.1, (name, r, plain)  # 50 clicks
+        assert r["description_accuracy"] >= plain["description_accuracy"] - 0.1, (name, r, plain)  # 125 clicks
