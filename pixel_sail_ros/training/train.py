@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a regression of the centre of each [SEG] token's target mask from its hidden state, through "
                    "the same head as --aux-place-weight (the query must say where its object is; any data with "
                    "masks; training-only, not saved)")
+    g.add_argument("--aux-query-place-on", choices=("state", "embedding"), default="state",
+                   help="what --aux-query-place-weight reads: the [SEG] token's hidden state (through the object place "
+                   "head) or its projected embedding, the vector that makes the mask (through a head of its own)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
@@ -400,7 +403,7 @@ class TrainModule(nn.Module):
     One module so DDP/FSDP wrap and synchronise everything that gets gradients.
     """
 
-    def __init__(self, model: nn.Module, weights: LossWeights, aux: bool) -> None:
+    def __init__(self, model: nn.Module, weights: LossWeights, aux: bool, query_place_on: str = "state") -> None:
         super().__init__()
         self.model = model
         self.weights = weights
@@ -410,8 +413,11 @@ class TrainModule(nn.Module):
         self.aux_pixel = AttributeProbe(cfg.seg_hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_token = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_pixel else None
         self.aux_object = AttributeProbe(cfg.text_config.hidden_size, AUX_NUM_CLASSES) if per_object else None
-        place = (aux and weights.aux_place > 0) or weights.aux_query_place > 0
+        on_state = weights.aux_query_place > 0 and query_place_on == "state"
+        place = (aux and weights.aux_place > 0) or on_state
         self.aux_place = nn.Linear(cfg.text_config.hidden_size, 2) if place else None
+        on_embedding = weights.aux_query_place > 0 and query_place_on == "embedding"
+        self.aux_query_place = nn.Linear(cfg.seg_hidden_size, 2) if on_embedding else None
         self.patch_token_id = cfg.vision_patch_token_id
         self.seg_token_id = cfg.seg_token_id
 
@@ -441,10 +447,14 @@ class TrainModule(nn.Module):
             if self.aux_place is not None and self.weights.aux_place > 0:
                 terms.append(("loss_aux_place", object_place_loss(self.aux_place, tokens, targets), self.weights.aux_place))
             loss = self._add_terms(loss, parts, terms)
-        if self.aux_place is not None and self.weights.aux_query_place > 0:
-            queries = [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
+        if self.weights.aux_query_place > 0:
+            if self.aux_query_place is not None:  # the projected query that makes the mask
+                head, queries = self.aux_query_place, out.seg_embeddings
+            else:
+                head = self.aux_place
+                queries = [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
             loss = self._add_terms(loss, parts, [(
-                "loss_aux_query_place", query_place_loss(self.aux_place, queries, batch.get("seg_masks")),
+                "loss_aux_query_place", query_place_loss(head, queries, batch.get("seg_masks")),
                 self.weights.aux_query_place)])
         # Give every trainable parameter a gradient on every rank (0 where unused this batch, e.g. vp_embed
         # without visual prompts): DDP then needs no unused-parameter search and FSDP's reduce-scatters
@@ -741,7 +751,7 @@ class Trainer:
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
         aux = wants_attribute_maps(args) and args.data == "shapesref"
-        self.module = TrainModule(model, weights, aux).to(self.device)
+        self.module = TrainModule(model, weights, aux, args.aux_query_place_on).to(self.device)
         self.module.train()
         self.wrapped = self._wrap(self.module)
 

@@ -350,3 +350,33 @@ def test_a_negative_loss_weight_is_refused_before_anything_starts(tmp_path: Path
         train.main(["--data", "shapesref", "--max-steps", "1", "--aux-query-place-weight", "-1", "--dice-weight", "-0.5",
                     "--output-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("on", ["state", "embedding"])
+def test_query_place_loss_reads_the_state_or_the_embedding_that_makes_the_mask(on: str):
+    from pixel_sail_ros.training.data import ItemCollator, ShapesRefDataset
+    from pixel_sail_ros.training.losses import LossWeights
+
+    torch.manual_seed(0)
+    model, processor = tiny_parts()
+    module = train.TrainModule(model, LossWeights(num_points=0, aux_query_place=1.0), aux=False, query_place_on=on)
+    # the state shares the object place head; the embedding (seg_hidden_size wide) has a head of its own
+    assert (module.aux_place is not None) == (on == "state") and (module.aux_query_place is not None) == (on == "embedding")
+    data = ShapesRefDataset(processor, seed=3, turns_per_image=4, flip_prob=0.0, mix={"referring": 1.0}, p_absent=0.0)
+    batch = ItemCollator(processor)([data[i] for i in range(2)])
+    loss, parts = module(batch)
+    assert parts["loss_aux_query_place"] > 0
+    # the place term alone: its gradient reaches the projector (which comes after the state) only when it reads
+    # the embedding
+    from pixel_sail_ros.training.losses import query_place_loss
+
+    module.zero_grad()
+    out = model(**train.PixelSailProcessor.model_inputs(batch))
+    if on == "state":
+        head = module.aux_place
+        queries = [h[ids == model.config.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
+    else:
+        head, queries = module.aux_query_place, out.seg_embeddings
+    query_place_loss(head, queries, batch["seg_masks"]).backward()
+    reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.seg_token_projector.parameters()]
+    assert any(reached) == (on == "embedding")
