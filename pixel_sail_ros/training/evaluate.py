@@ -58,13 +58,17 @@ class EvalTotals:
     n_click: int = 0
     n_answers: int = 0
     n_answers_correct: int = 0
-    n_wrong_object: int = 0
-    n_wrong_larger: int = 0  # ... of which the object chosen instead is the larger (shows more pixels)
     wrong_by_template: dict[str, int] = field(default_factory=lambda: {t: 0 for t in sr.TEMPLATES})
+    n_wrong_larger: int = 0  # wrong choices where the object chosen instead is the larger (shows more pixels)
     num_samples: int = 0
 
-    _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "n_wrong_object",
-                "n_wrong_larger", "num_samples")
+    _SCALARS = ("click_intersection", "click_union", "n_click", "n_answers", "n_answers_correct", "n_wrong_larger",
+                "num_samples")
+
+    @property
+    def n_wrong_object(self) -> int:
+        """Present targets whose mask went mostly to another object, over all phrasings."""
+        return sum(self.wrong_by_template.values())
 
     def _accumulators(self) -> list[MetricAccumulator]:
         return [self.acc, *(self.templates[t] for t in sr.TEMPLATES)]
@@ -164,7 +168,6 @@ def evaluate_shapesref(
             if s.expression.target is not None:
                 other = wrong_object(pred, scene, s.expression.target)
                 if other is not None:
-                    totals.n_wrong_object += 1
                     totals.wrong_by_template[s.expression.template] += 1
                     totals.n_wrong_larger += int(scene.objects[other].mask.sum() > scene.objects[s.expression.target].mask.sum())
             if len(examples) < num_examples:
