@@ -448,11 +448,7 @@ class TrainModule(nn.Module):
                 terms.append(("loss_aux_place", object_place_loss(self.aux_place, tokens, targets), self.weights.aux_place))
             loss = self._add_terms(loss, parts, terms)
         if self.weights.aux_query_place > 0:
-            if self.aux_query_place is not None:  # the projected query that makes the mask
-                head, queries = self.aux_query_place, out.seg_embeddings
-            else:
-                head = self.aux_place
-                queries = [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
+            head, queries = self.query_place_inputs(out, batch)
             loss = self._add_terms(loss, parts, [(
                 "loss_aux_query_place", query_place_loss(head, queries, batch.get("seg_masks")),
                 self.weights.aux_query_place)])
@@ -463,6 +459,13 @@ class TrainModule(nn.Module):
         if touch:
             loss = loss + 0.0 * torch.cat(touch).sum()
         return loss, parts
+
+    def query_place_inputs(self, out: Any, batch: dict[str, Any]) -> tuple[nn.Linear, list[torch.Tensor]]:
+        """(head, per-sample queries) that ``--aux-query-place-weight`` reads: the projected [SEG] embeddings that
+        make the masks through their own head, or the [SEG] hidden states through the object place head."""
+        if self.aux_query_place is not None:
+            return self.aux_query_place, out.seg_embeddings
+        return self.aux_place, [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
 
     @staticmethod
     def _add_terms(loss: torch.Tensor, parts: dict[str, float], terms: list[tuple[str, torch.Tensor | None, float]]

@@ -371,12 +371,8 @@ def test_query_place_loss_reads_the_state_or_the_embedding_that_makes_the_mask(o
     from pixel_sail_ros.training.losses import query_place_loss
 
     module.zero_grad()
-    out = model(**train.PixelSailProcessor.model_inputs(batch))
-    if on == "state":
-        head = module.aux_place
-        queries = [h[ids == model.config.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
-    else:
-        head, queries = module.aux_query_place, out.seg_embeddings
+    head, queries = module.query_place_inputs(model(**train.PixelSailProcessor.model_inputs(batch)), batch)
+    assert head is (module.aux_place if on == "state" else module.aux_query_place)
     query_place_loss(head, queries, batch["seg_masks"]).backward()
     reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.seg_token_projector.parameters()]
     assert any(reached) == (on == "embedding")
