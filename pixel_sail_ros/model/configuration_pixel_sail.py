@@ -141,6 +141,12 @@ class PixelSailConfig(PreTrainedConfig):
             are, and "the leftmost star" or "the red circle on the left" needs exactly that. Normalised, so one
             feature means "left edge" at every resolution. Zero-initialised, so a checkpoint without it loads
             unchanged and can be fine-tuned into it (``--model-overrides``).
+        pixel_positions: add a zero-initialised linear of the same Fourier features, taken at each mask cell's
+            centre, to the per-pixel mask features (after their projector). Not in the paper (off in its presets):
+            a mask logit is the dot product of the [SEG] embedding with a pixel's features, and unless those
+            features say where the pixel is, a query for "the leftmost star" can only pick a star, not the
+            leftmost one; with them the query can add a place term to its logits. Zero-initialised, like
+            ``patch_positions``.
         distill_pixel_dim, distill_token_dim: teacher channel sizes for the training-only distillation heads
             (0 = no head). The heads are never saved, and a saved config always has both set to 0.
         *_token_id: ids of the special tokens in the checkpoint's tokenizer.
@@ -166,6 +172,7 @@ class PixelSailConfig(PreTrainedConfig):
     pixel_skip: bool = False
     mrope_layout: str = "chunked"
     patch_positions: bool = False
+    pixel_positions: bool = False
     distill_pixel_dim: int = 0
     distill_token_dim: int = 0
     vision_start_token_id: int | None = None

@@ -15,7 +15,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
@@ -152,6 +152,15 @@ def patch_position_features(index: torch.Tensor, h: torch.Tensor, w: torch.Tenso
     return torch.cat([torch.stack([x, y], -1) - 0.5, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
 
 
+@lru_cache(maxsize=16)
+def grid_position_features(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h, w, features) :func:`patch_position_features` of every cell of an h×w grid; cached, since a camera's
+    mask grid is the same every frame (treat it as read-only)."""
+    index = torch.arange(h * w, device=device)[None]
+    size = torch.tensor([[h, w]], device=device)
+    return patch_position_features(index, size[:, :1], size[:, 1:]).view(h, w, -1)
+
+
 def _upsample_block(channels: int) -> nn.Sequential:
     """×2 upsampling; indices 0/2/3 carry weights, as in the authors' ``upsample_blocks.{k}``."""
     return nn.Sequential(
@@ -183,10 +192,11 @@ class PixelSailPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, except the pixel skip and the patch positions start at zero (a model fine-tuned
-        into either starts unchanged)."""
+        """transformers' defaults, except the pixel skip and the patch and pixel positions start at zero (a model fine-tuned
+        into any of them starts unchanged)."""
         super()._init_weights(module)
-        if module is getattr(self, "pixel_skip", None) or module is getattr(self, "patch_position_embed", None):
+        zero_start = ("pixel_skip", "patch_position_embed", "pixel_position_embed")
+        if any(module is getattr(self, name, None) for name in zero_start):
             init.zeros_(module.weight)
 
 
@@ -225,6 +235,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         stride = config.mask_output_stride
         self.pixel_skip = nn.Linear(3 * stride * stride, in_dim, bias=False) if config.pixel_skip else None
         self.image_feature_projector = _mlp(in_dim, in_dim, config.seg_hidden_size)
+        self.pixel_position_embed = (
+            nn.Linear(patch_position_features_dim(), config.seg_hidden_size, bias=False) if config.pixel_positions else None
+        )
         self.seg_token_projector = _mlp(hidden, in_dim, config.seg_hidden_size)
 
         # Training-only heads onto a teacher's pixel features (upsampled) and token features (patch grid).
@@ -366,7 +379,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         """(n, h, w, hidden) last-layer patch states → (n, D_seg, h·P/s, w·P/s) per-pixel features.
 
         ``patches`` (n, h, w, 3·P·P): the normalised pixel patches the prefix read; needed only with
-        ``config.pixel_skip``.
+        ``config.pixel_skip``. With ``config.pixel_positions`` each cell's place is added last.
         """
         x = vision_tokens
         if self.image_feature_pre_projector is not None:
@@ -380,6 +393,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if not self.config.use_upsampler:  # the baseline: per-patch features, interpolated
             scale = 2**self.config.num_upsample_blocks
             x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        if self.pixel_position_embed is not None:
+            places = grid_position_features(x.shape[-2], x.shape[-1], x.device)
+            x = x + self.pixel_position_embed(places.to(x.dtype)).permute(2, 0, 1)
         return x
 
     def stride_cells(self, patches: torch.Tensor) -> torch.Tensor:

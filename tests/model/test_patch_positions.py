@@ -1,16 +1,18 @@
-"""``patch_positions``: each patch's normalised place in the image, as Fourier features through a zero-initialised
-linear, added to its embedding. Checked: the features mark the same relative place at any grid size, a model
-fine-tuned into it starts unchanged, the cached prefix sees the positions as the training forward does, and
-the new weights learn (their gradient is not zero)."""
+"""``patch_positions`` / ``pixel_positions``: each patch's (each mask cell's) normalised place in the image, as
+Fourier features through a zero-initialised linear, added to its embedding (to its mask features). Checked: the
+features mark the same relative place at any grid size, a model fine-tuned into either starts unchanged, the
+cached prefix sees the positions as the training forward does, the mask features of a uniform image then vary
+with place, and the new weights learn (their gradient is not zero)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pixel_sail_ros.model.modeling_pixel_sail import (
     PixelSailForConditionalGeneration,
-    patch_position_features,
+    grid_position_features,
     patch_position_features_dim,
 )
 from pixel_sail_ros.model.processing_pixel_sail import SEG_ANSWER, Turn
@@ -18,13 +20,8 @@ from pixel_sail_ros.model.processing_pixel_sail import SEG_ANSWER, Turn
 from .test_modeling import run, sample_for
 
 
-def _grid_features(h: int, w: int) -> torch.Tensor:
-    index = torch.arange(h * w)[None]
-    return patch_position_features(index, torch.tensor([[h]]), torch.tensor([[w]]))[0].view(h, w, -1)
-
-
 def test_features_mark_the_same_relative_place_at_any_grid_size():
-    small, large = _grid_features(2, 4), _grid_features(6, 12)
+    small, large = grid_position_features(2, 4, torch.device("cpu")), grid_position_features(6, 12, torch.device("cpu"))
     assert small.shape[-1] == patch_position_features_dim()
     # patch (r, c) of an h×w grid has its centre where patch (3r+1, 3c+1) of a 3h×3w grid has its own
     for r in range(2):
@@ -36,7 +33,10 @@ def test_features_mark_the_same_relative_place_at_any_grid_size():
     assert (large[0, 0] - large[0, 1]).abs().max() > 0.1  # neighbours differ clearly, not just in the slow terms
 
 
-@pytest.mark.parametrize("switch,module", [("pixel_skip", "pixel_skip"), ("patch_positions", "patch_position_embed")])
+@pytest.mark.parametrize(
+    "switch,module",
+    [("pixel_skip", "pixel_skip"), ("patch_positions", "patch_position_embed"), ("pixel_positions", "pixel_position_embed")],
+)
 def test_a_checkpoint_without_a_zero_initialised_switch_loads_into_it_unchanged(tmp_path, model_factory, processor,
                                                                               image_factory, switch, module):
     plain = model_factory(2)
@@ -69,3 +69,32 @@ def test_the_embedding_gets_a_gradient_and_needs_the_grid(model_factory, process
     assert model.patch_position_embed.weight.grad is not None and model.patch_position_embed.weight.grad.abs().max() > 0
     with pytest.raises(ValueError, match="image_grid_hw"):
         model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+
+
+def test_pixel_positions_let_the_mask_features_of_a_uniform_image_say_where(model_factory, processor):
+    model = model_factory(0, pixel_positions=True).eval()
+    uniform = np.full((64, 96, 3), 128, np.uint8)
+    inputs = processor.prefix_inputs(processor.preprocess_image(uniform))
+    plain = model.prefill(**inputs).pixel_features
+    with torch.no_grad():
+        model.pixel_position_embed.weight.zero_()
+        model.pixel_position_embed.weight[0, 0] = 1.0  # channel 0 += x − ½, the cell's column
+    placed = model.prefill(**inputs).pixel_features
+    h, w = placed.shape[-2:]
+    assert (h, w) == tuple(plain.shape[-2:])
+    shift = (placed - plain)[0]
+    torch.testing.assert_close(shift, (torch.arange(w) + 0.5).div(w).sub(0.5).expand(h, w))  # the column, every row
+    torch.testing.assert_close((placed - plain)[1:], torch.zeros_like(placed[1:]))  # no other channel moved
+
+
+def test_the_cached_prefix_sees_the_pixel_positions_and_they_get_a_gradient(model_factory, processor, image_factory):
+    model = model_factory(1, pixel_positions=True)
+    with torch.no_grad():
+        model.pixel_position_embed.weight.normal_(0.0, 0.5)
+    image = image_factory(80, 112, seed=3)
+    prefix = model.eval().prefill(**processor.prefix_inputs(processor.preprocess_image(image)))
+    sample = sample_for(processor, image, [Turn("red circle", SEG_ANSWER)])
+    out = model.train()(**processor.model_inputs(processor.collate([sample])))
+    torch.testing.assert_close(prefix.pixel_features, out.pixel_features[0], atol=1e-4, rtol=1e-4)
+    out.mask_logits[0].sigmoid().mean().backward()
+    assert model.pixel_position_embed.weight.grad.abs().max() > 0
