@@ -20,7 +20,7 @@ different resolutions (GT is typically at the image size, predictions at a strid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -41,6 +41,7 @@ class LossWeights:
     aux_object: float = 0.0
     aux_place: float = 0.0
     aux_query_place: float = 0.0
+    aux_mask_place: float = 0.0
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
@@ -399,6 +400,25 @@ def query_place_loss(head: nn.Linear, seg_states: Sequence[Tensor | None], seg_m
     if total is None or count == 0:
         return None
     return total / count
+
+
+def mask_place_loss(place_logits: Sequence[Tensor | None], seg_masks: Sequence[Tensor | None] | None, w: LossWeights
+                    ) -> Tensor | None:
+    """The mask loss (BCE + Dice, weighted as the mask's own, on every cell) of the place part of each [SEG]
+    mask alone: its embedding against the pixel positions, without the image.
+
+    Why: ``pixel_positions`` lets a mask logit add a place term, but the term is a product of two things that
+    start knowing nothing of place (the zero-initialised position linear and a query projection that reads
+    place at chance), so the mask loss alone left it at zero (450 steps: weights stayed below 0.01). Asked to
+    cover the target on its own, the term must learn where the target is. ``place_logits[b]``: (n, h, w),
+    paired with ``seg_masks[b]`` (n, H, W) as the mask loss pairs them.
+    """
+    if seg_masks is None:
+        return None
+    bce, dice, n = mask_losses(place_logits, seg_masks, replace(w, num_points=0))
+    if n == 0:
+        return None
+    return (w.bce * bce + w.dice * dice) / n
 
 
 # ------------------------------------------------------------------------------------------ combined

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.configuration_pixel_sail import PixelSailConfig
-from ..model.modeling_pixel_sail import PixelSailForConditionalGeneration
+from ..model.modeling_pixel_sail import PixelSailForConditionalGeneration, grid_position_features
 from ..model.processing_pixel_sail import PixelSailProcessor
 from ..model.tokenization import add_pixel_sail_tokens, build_tiny_tokenizer, special_token_ids
 from . import plots
@@ -55,8 +55,8 @@ from .data import (
     batch_to_device,
 )
 from .losses import (
-    AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, object_attribute_loss, object_place_loss,
-    query_place_loss, seg_query_attribute_loss,
+    AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, mask_place_loss, object_attribute_loss,
+    object_place_loss, query_place_loss, seg_query_attribute_loss,
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -64,6 +64,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
     "loss_aux_pixel", "loss_aux_token", "loss_aux_query", "loss_aux_object", "loss_aux_place", "loss_aux_query_place",
+    "loss_aux_mask_place",
     "grad_norm",
 )
 TRAINER_STATE = "trainer_state.json"
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-query-place-on", choices=("state", "embedding"), default="state",
                    help="what --aux-query-place-weight reads: the [SEG] token's hidden state (through the object place "
                    "head) or its projected embedding, the vector that makes the mask (through a head of its own)")
+    g.add_argument("--aux-mask-place-weight", type=float, default=0.0,
+                   help="the place part of each [SEG] mask alone (its embedding against the pixel positions, without "
+                   "the image) must cover its target, with the mask loss; needs a model with pixel_positions (any "
+                   "data with masks)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
@@ -418,6 +423,8 @@ class TrainModule(nn.Module):
         self.aux_place = nn.Linear(cfg.text_config.hidden_size, 2) if place else None
         on_embedding = weights.aux_query_place > 0 and query_place_on == "embedding"
         self.aux_query_place = nn.Linear(cfg.seg_hidden_size, 2) if on_embedding else None
+        if weights.aux_mask_place > 0 and not cfg.pixel_positions:
+            raise ValueError("--aux-mask-place-weight needs a model with pixel_positions (--model-overrides)")
         self.patch_token_id = cfg.vision_patch_token_id
         self.seg_token_id = cfg.seg_token_id
 
@@ -452,6 +459,10 @@ class TrainModule(nn.Module):
             loss = self._add_terms(loss, parts, [(
                 "loss_aux_query_place", query_place_loss(head, queries, batch.get("seg_masks")),
                 self.weights.aux_query_place)])
+        if self.weights.aux_mask_place > 0:
+            loss = self._add_terms(loss, parts, [(
+                "loss_aux_mask_place", mask_place_loss(self.mask_place_logits(out), batch.get("seg_masks"), self.weights),
+                self.weights.aux_mask_place)])
         # Give every trainable parameter a gradient on every rank (0 where unused this batch, e.g. vp_embed
         # without visual prompts): DDP then needs no unused-parameter search and FSDP's reduce-scatters
         # have the same shape on all ranks. The decoder layers are always used.
@@ -466,6 +477,18 @@ class TrainModule(nn.Module):
         if self.aux_query_place is not None:
             return self.aux_query_place, out.seg_embeddings
         return self.aux_place, [h[ids == self.seg_token_id] for h, ids in zip(out.last_hidden_state, batch["input_ids"])]
+
+    def mask_place_logits(self, out: Any) -> list[torch.Tensor | None]:
+        """Per sample, (n, h, w): the place term of each [SEG] mask alone, its embedding · the pixel positions."""
+        embed = base_model(self.model).pixel_position_embed
+        logits: list[torch.Tensor | None] = []
+        for seg, pixel in zip(out.seg_embeddings, out.pixel_features):
+            if pixel is None:
+                logits.append(None)
+                continue
+            places = embed(grid_position_features(pixel.shape[-2], pixel.shape[-1], pixel.device).to(pixel.dtype))
+            logits.append(torch.einsum("qc,hwc->qhw", seg, places))
+        return logits
 
     @staticmethod
     def _add_terms(loss: torch.Tensor, parts: dict[str, float], terms: list[tuple[str, torch.Tensor | None, float]]
@@ -750,7 +773,8 @@ class Trainer:
         weights = LossWeights(
             text=args.text_weight, text_with_mask=args.text_weight_with_mask, bce=args.bce_weight,
             dice=args.dice_weight, distill=args.distill_weight, aux=args.aux_weight, aux_object=args.aux_object_weight,
-            aux_place=args.aux_place_weight, aux_query_place=args.aux_query_place_weight, num_points=args.num_points,
+            aux_place=args.aux_place_weight, aux_query_place=args.aux_query_place_weight,
+            aux_mask_place=args.aux_mask_place_weight, num_points=args.num_points,
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
         aux = wants_attribute_maps(args) and args.data == "shapesref"

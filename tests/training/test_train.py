@@ -152,7 +152,8 @@ def _files(d: Path) -> set[str]:
 def test_exact_resume(tmp_path: Path):
     common = TINY + ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", "--save-total-limit", "5",
                      "--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1", "--aux-query-place-weight", "1",
-                     "--appearance-aug", "0.5"]
+                     "--appearance-aug", "0.5", "--aux-mask-place-weight", "1",
+                     "--model-overrides", json.dumps({**TINY_OVERRIDES, "pixel_positions": True})]
     a, c = tmp_path / "a", tmp_path / "c"
     assert train.main(common + ["--output-dir", str(a)]) == 0
     ckpt = a / "checkpoint-2"
@@ -175,6 +176,7 @@ def test_exact_resume(tmp_path: Path):
     assert any(r.get("loss_aux_object", 0) > 0 for r in logged)  # the per-object loss ran and was logged
     assert any(r.get("loss_aux_place", 0) > 0 for r in logged)
     assert any(r.get("loss_aux_query_place", 0) > 0 for r in logged)
+    assert any(r.get("loss_aux_mask_place", 0) > 0 for r in logged)
     # and it really trained: weights moved away from step 2
     w2 = load_file(str(ckpt / "model.safetensors"))
     assert any(not torch.equal(w2[k], wa[k]) for k in wa)
@@ -376,3 +378,47 @@ def test_query_place_loss_reads_the_state_or_the_embedding_that_makes_the_mask(o
     query_place_loss(head, queries, batch["seg_masks"]).backward()
     reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.seg_token_projector.parameters()]
     assert any(reached) == (on == "embedding")
+
+
+def test_mask_place_loss_trains_the_place_part_of_the_mask_and_not_the_pixel_decoder():
+    from pixel_sail_ros.training.data import ItemCollator, ShapesRefDataset
+    from pixel_sail_ros.training.losses import LossWeights, mask_place_loss
+
+    weights = LossWeights(num_points=0, aux_mask_place=1.0)
+    plain, processor = tiny_parts()
+    with pytest.raises(ValueError, match="pixel_positions"):
+        train.TrainModule(plain, weights, aux=False)
+    torch.manual_seed(0)
+    model = PixelSailForConditionalGeneration(plain.config.__class__.from_dict({**plain.config.to_dict(), "pixel_positions": True}))
+    with torch.no_grad():
+        model.pixel_position_embed.weight.normal_(0.0, 0.3)
+    module = train.TrainModule(model, weights, aux=False)
+    data = ShapesRefDataset(processor, seed=5, turns_per_image=4, flip_prob=0.0, mix={"referring": 1.0}, p_absent=0.0)
+    batch = ItemCollator(processor)([data[i] for i in range(2)])
+    out = model(**train.PixelSailProcessor.model_inputs(batch))
+    place = module.mask_place_logits(out)
+    # it is exactly the place term of the model's own mask logits: the rest is the image's content
+    for logits, full, seg, pixel in zip(place, out.mask_logits, out.seg_embeddings, out.pixel_features):
+        field = full - logits
+        torch.testing.assert_close(field, torch.einsum("qc,chw->qhw", seg, pixel) - logits, atol=1e-5, rtol=1e-5)
+        assert logits.shape == full.shape and logits.abs().max() > 0
+    mask_place_loss(place, batch["seg_masks"], weights).backward()
+
+    def reached(m: torch.nn.Module) -> bool:
+        return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.parameters())
+
+    # the query (which reads the image to find its target) and the positions learn; the pixel decoder does not
+    assert reached(model.pixel_position_embed) and reached(model.seg_token_projector) and reached(model.vis_embed)
+    assert not reached(model.upsample_blocks) and not reached(model.image_feature_projector)
+    # and it learns: the place terms alone come to cover the targets better on this batch
+    trainable = list(model.pixel_position_embed.parameters()) + list(model.seg_token_projector.parameters())
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = mask_place_loss(module.mask_place_logits(model(**train.PixelSailProcessor.model_inputs(batch))),
+                               batch["seg_masks"], weights)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
