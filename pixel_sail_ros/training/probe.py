@@ -8,7 +8,10 @@ attribute (and for which third of the image, across and down, the object lies in
 and reports its accuracy on the rest, overall and per size class.
 The same probe reads the ``[SEG]`` query of referring questions about those scenes: does the query say
 which third of the image its target lies in, for plain phrases ("the red circle") and positional ones
-("the leftmost star")? A query that does not know where its object is can only pick it by look.
+("the leftmost star")? A query that does not know where its object is can only pick it by look. For a model
+with ``pixel_positions`` it also reads the place term of each query's mask directly (the query against the
+pixel positions alone): the third of the image where it peaks, and whether it is higher on the target than on
+every other object.
 It also reports how much the image states change when the row or the column positions of the patches are
 mirrored (pixels unchanged): a model that cannot tell its columns apart cannot see shape or left/right
 (``mrope_layout`` in the model's config).
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import PixelSailEngine
+from ..model.modeling_pixel_sail import grid_position_features
 from ..model.processing_pixel_sail import refer_seg_question
 from . import shapesref as sr
 from .data import AUX_ATTRIBUTES
@@ -103,12 +107,16 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
     scene (a 128-wide embedding needs many samples for a linear probe that does not just memorise), with the target's column and row third and whether the phrase was positional.
 
     The model answers freely (greedy, as the engine does); a phrase it answers without ``[SEG]`` is counted,
-    not probed.
+    not probed. With ``pixel_positions``, ``place_term`` holds per query (peak column third, peak row third,
+    target first): where the place term of its mask peaks, and whether it is higher on the target than on every
+    other object.
     """
     gen = sr.ShapesRefGenerator(seed=seed)
     rng = np.random.default_rng(seed)
     feats: dict[str, list[np.ndarray]] = {"state": [], "embedding": []}
     labels: list[tuple[int, int, int]] = []
+    place_term: list[tuple[int, int, int]] = []
+    positions = engine.model.pixel_position_embed
     asked = 0
     states: list[torch.Tensor] = []  # the projector's input: the [SEG] token's last hidden state
     hook = engine.model.seg_token_projector.register_forward_hook(lambda _m, args, _out: states.append(args[0]))
@@ -134,8 +142,26 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
                 feats["embedding"].append(answer.seg_embeddings[0].float().cpu().numpy())
                 feats["state"].append(states[-1].reshape(-1, states[-1].shape[-1])[0].float().cpu().numpy())
                 labels.append((_third(o.center[0], scene.width), _third(o.center[1], scene.height), int(positional)))
+                if positions is not None:
+                    place_term.append(_place_term_readout(positions, prefix, answer.seg_embeddings[0], scene, e.target))
     hook.remove()
-    return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels), "asked": asked}
+    return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels), "asked": asked,
+            "place_term": np.array(place_term) if place_term else None}
+
+
+def _place_term_readout(positions: torch.nn.Module, prefix: Any, query: torch.Tensor, scene: sr.Scene, target: int
+                        ) -> tuple[int, int, int]:
+    """(peak column third, peak row third, target first) of ``query`` · the pixel positions on the mask grid."""
+    h, w = prefix.pixel_features.shape[-2:]
+    field = positions(grid_position_features(h, w, query.device).to(query.dtype)) @ query  # (h, w)
+    row, col = divmod(int(field.argmax()), w)
+    masks = torch.from_numpy(np.stack([o.mask for o in scene.objects])).float()[:, None]
+    cover = F.interpolate(masks, size=(h, w), mode="area")[:, 0].to(field.device)  # each object's share of a cell
+    area = cover.flatten(1).sum(1)
+    mean = (cover * field).flatten(1).sum(1) / area.clamp_min(1e-6)
+    others = [k for k in range(len(scene.objects)) if k != target and float(area[k]) > 0]
+    first = all(float(mean[target]) > float(mean[k]) for k in others)
+    return min(2, 3 * col // w), min(2, 3 * row // h), int(first)
 
 
 # What the probe reads besides the attributes: which third of the image (left/middle/right, top/middle/bottom)
@@ -172,7 +198,8 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray, classes: int, train_frac
 def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PROBE_SEED) -> dict[str, Any]:
     """{features: {attribute: {all, large, small}}} held-out probe accuracies, object counts, the image states'
     sensitivity to row / column positions, and {query: {state|embedding: {place: {all, plain, positional}}}} for
-    the [SEG] queries (their hidden state, and its projection that makes the mask)."""
+    the [SEG] queries (their hidden state, and its projection that makes the mask), with ``place_term`` beside
+    them for a model with ``pixel_positions``."""
     data = object_features(engine, num_scenes, seed)
     y = data["labels"]
     n_train = int(0.7 * len(y))
@@ -198,6 +225,13 @@ def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PRO
             report["query"][name][place] = {"all": round(float(right.mean()), 3),
                                             "plain": round(float(right[~positional].mean()), 3),
                                             "positional": round(float(right[positional].mean()), 3)}
+    if q["place_term"] is not None:  # read directly, on every query: no fit, nothing held out
+        term, every = q["place_term"], qy[:, 2] == 1
+        readouts = {"column third": term[:, 0] == qy[:, 0], "row third": term[:, 1] == qy[:, 1],
+                    "target first": term[:, 2] == 1}
+        report["query"]["place_term"] = {
+            name: {"all": round(float(right.mean()), 3), "plain": round(float(right[~every].mean()), 3),
+                   "positional": round(float(right[every].mean()), 3)} for name, right in readouts.items()}
     return report
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
+import torch
+
+from pixel_sail_ros.model.modeling_pixel_sail import patch_position_features_dim
 
 from pixel_sail_ros.engine import PixelSailEngine
-from pixel_sail_ros.training.probe import linear_probe_accuracy, probe_report
+from pixel_sail_ros.training import shapesref as sr
+from pixel_sail_ros.training.probe import _place_term_readout, linear_probe_accuracy, probe_report
 
 
 def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
@@ -14,6 +20,24 @@ def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
     y = (x[:, 2] > 0).astype(np.int64)
     assert linear_probe_accuracy(x, y, 2).mean() >= 0.9
     assert linear_probe_accuracy(x, rng.integers(0, 2, 400), 2).mean() < 0.65  # random labels: chance
+
+
+def test_place_term_readout_finds_where_a_known_field_peaks() -> None:
+    # a place term that is the column coordinate (x − ½) for query e0: highest at the right edge
+    positions = torch.nn.Linear(patch_position_features_dim(), 4, bias=False)
+    with torch.no_grad():
+        positions.weight.zero_()
+        positions.weight[0, 0] = 1.0
+    query = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    gen = sr.ShapesRefGenerator(seed=3)
+    scene = next(s for s in (gen.scene(i) for i in range(50)) if len(s.objects) >= 3)
+    prefix = SimpleNamespace(pixel_features=torch.zeros(4, 42, 56))
+    order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k].mask.nonzero()[1].mean())
+    col, row, first = _place_term_readout(positions, prefix, query, scene, order[-1])
+    assert (col, first) == (2, 1)  # it peaks in the right third, and is highest on the rightmost object
+    assert _place_term_readout(positions, prefix, query, scene, order[0])[2] == 0  # not on the leftmost
+    col, _, first = _place_term_readout(positions, prefix, -query, scene, order[0])  # the mirror field
+    assert (col, first) == (0, 1)
 
 
 def test_probe_report_on_the_bundled_model() -> None:
@@ -43,6 +67,7 @@ def test_probe_report_on_the_bundled_model() -> None:
     def place(f: str) -> float:
         return (q[f]["column third"]["all"] + q[f]["row third"]["all"]) / 2
     assert place("state") > place("embedding") + 0.1
+    assert ("place_term" in q) == bool(engine.model.config.pixel_positions)  # read only where the model has one
     # with the paper's chunked rotary a trained model hardly tells its columns apart (tests/model/test_rotary.py:
     # why); with the interleaved layout it does
     sens = report["position_sensitivity"]
