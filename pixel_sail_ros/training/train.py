@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "head) or its projected embedding, the vector that makes the mask (through a head of its own)")
     g.add_argument("--aux-mask-place-weight", type=float, default=0.0,
                    help="the place part of each [SEG] mask alone (its embedding against the pixel positions, without "
-                   "the image) must cover its target, with the mask loss; needs a model with pixel_positions (any "
-                   "data with masks)")
+                   "the image) must cover its target, with the mask loss; needs a model with pixel_positions and, to "
+                   "learn more than a centre bias, --aux-query-place-on embedding (any data with masks)")
     g.add_argument("--distill-weight", type=float, default=0.5)
     t = g.add_mutually_exclusive_group()
     t.add_argument("--teacher-model", metavar="DIR", help="a transformers vision model directory (safetensors) to distil from")
