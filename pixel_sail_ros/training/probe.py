@@ -149,6 +149,7 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
             "place_term": np.array(place_term) if place_term else None}
 
 
+@torch.no_grad()
 def _place_term_readout(positions: torch.nn.Module, prefix: Any, query: torch.Tensor, scene: sr.Scene, target: int
                         ) -> tuple[int, int, int]:
     """(peak column third, peak row third, target first) of ``query`` · the pixel positions on the mask grid."""
