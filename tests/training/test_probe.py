@@ -63,11 +63,20 @@ def test_probe_report_on_the_bundled_model() -> None:
     assert all(0.0 <= q[f][p][k] <= 1.0 for f in ("state", "embedding") for p in ("column third", "row third")
                for k in ("all", "plain", "positional"))
     # stage 7 (--aux-query-place-weight) taught the query's hidden state where its target is, but the projection
-    # that makes the mask drops it (300 scenes: state 0.65 / 0.69, embedding 0.36 / 0.44; stage 6: all ~0.35)
+    # that makes the mask dropped it (300 scenes: state 0.65 / 0.69, embedding 0.36 / 0.44; stage 6: all ~0.35).
+    # Stage 8 put the probe on the projection and gave the masks a place term (pixel_positions): 300 scenes read
+    # state 0.77 / 0.75, embedding 0.78 / 0.76, and the place term peaks in the target's third 0.74 / 0.75 and is
+    # highest on the target 0.76 of the time (chance: about 1/3 and 1/4); this smaller set reads a little lower
     def place(f: str) -> float:
         return (q[f]["column third"]["all"] + q[f]["row third"]["all"]) / 2
-    assert place("state") > place("embedding") + 0.1
     assert ("place_term" in q) == bool(engine.model.config.pixel_positions)  # read only where the model has one
+    if engine.model.config.pixel_positions:
+        assert place("state") > 0.6 and place("embedding") > 0.6
+        term = q["place_term"]
+        assert term["column third"]["all"] > 0.6 and term["row third"]["all"] > 0.6
+        assert term["target first"]["all"] > 0.6
+    else:
+        assert place("state") > place("embedding") + 0.1
     # with the paper's chunked rotary a trained model hardly tells its columns apart (tests/model/test_rotary.py:
     # why); with the interleaved layout it does
     sens = report["position_sensitivity"]
