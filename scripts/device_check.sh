@@ -33,7 +33,8 @@ OVERRIDES=${OVERRIDES:-'{}'}   # training: --model-overrides JSON, e.g. '{"mrope
 AUX_OBJECT=${AUX_OBJECT:-1.5} # training: --aux-object-weight (stage 6)
 AUX_PLACE=${AUX_PLACE:-5.0}   # training: --aux-place-weight (stage 6)
 AUX_QUERY_PLACE=${AUX_QUERY_PLACE:-5.0}  # training: --aux-query-place-weight (stage 7)
-AUX_MASK_PLACE=${AUX_MASK_PLACE:-0}      # training: --aux-mask-place-weight (needs OVERRIDES '{"pixel_positions": true}')
+AUX_MASK_PLACE=${AUX_MASK_PLACE:-1.0}    # training: --aux-mask-place-weight (stage 8; the model needs pixel_positions)
+QUERY_PLACE_ON=${QUERY_PLACE_ON:-embedding}  # training: --aux-query-place-on (stage 8)
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -87,6 +88,7 @@ if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
         --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps "${WARMUP:-100}" \
         --model-overrides "$OVERRIDES" --aux-object-weight "$AUX_OBJECT" --aux-place-weight "$AUX_PLACE" \
         --aux-query-place-weight "$AUX_QUERY_PLACE" --aux-mask-place-weight "$AUX_MASK_PLACE" \
+        --aux-query-place-on "$QUERY_PLACE_ON" \
         --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent 0.35 --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
         --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --schedule-over-time --log-every 50 \
         --eval-every 0 --save-every 0 --no-progress \
