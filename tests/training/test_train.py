@@ -420,5 +420,5 @@ def test_mask_place_loss_trains_the_place_part_of_the_mask_and_not_the_pixel_dec
                                batch["seg_masks"], weights)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
