@@ -192,8 +192,8 @@ class PixelSailPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, except the pixel skip and the patch and pixel positions start at zero (a model fine-tuned
-        into any of them starts unchanged)."""
+        """transformers' defaults, except the pixel skip and the patch and pixel positions start at zero (a model
+        fine-tuned into any of them starts unchanged)."""
         super()._init_weights(module)
         zero_start = ("pixel_skip", "patch_position_embed", "pixel_position_embed")
         if any(module is getattr(self, name, None) for name in zero_start):
@@ -394,9 +394,15 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             scale = 2**self.config.num_upsample_blocks
             x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         if self.pixel_position_embed is not None:
-            places = grid_position_features(x.shape[-2], x.shape[-1], x.device)
-            x = x + self.pixel_position_embed(places.to(x.dtype)).permute(2, 0, 1)
+            x = x + self.pixel_place_features(x.shape[-2], x.shape[-1], x.device, x.dtype).permute(2, 0, 1)
         return x
+
+    def pixel_place_features(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(h, w, D_seg) what ``config.pixel_positions`` adds to an h×w grid of mask features: a [SEG] embedding's
+        dot product with it is the place term of that query's mask logits."""
+        if self.pixel_position_embed is None:
+            raise ValueError("this model has no pixel positions (config.pixel_positions)")
+        return self.pixel_position_embed(grid_position_features(h, w, device).to(dtype))
 
     def stride_cells(self, patches: torch.Tensor) -> torch.Tensor:
         """(n, h, w, 3·P·P) patches (channel, row, column order) → (n, h·P/s, w·P/s, 3·s·s): each mask cell's pixels."""

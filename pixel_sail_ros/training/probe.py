@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import PixelSailEngine
-from ..model.modeling_pixel_sail import grid_position_features
 from ..model.processing_pixel_sail import refer_seg_question
 from . import shapesref as sr
 from .data import AUX_ATTRIBUTES
@@ -116,7 +115,7 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
     feats: dict[str, list[np.ndarray]] = {"state": [], "embedding": []}
     labels: list[tuple[int, int, int]] = []
     place_term: list[tuple[int, int, int]] = []
-    positions = engine.model.pixel_position_embed
+    has_places = bool(engine.model.config.pixel_positions)
     asked = 0
     states: list[torch.Tensor] = []  # the projector's input: the [SEG] token's last hidden state
     hook = engine.model.seg_token_projector.register_forward_hook(lambda _m, args, _out: states.append(args[0]))
@@ -142,19 +141,21 @@ def query_features(engine: PixelSailEngine, num_scenes: int, seed: int = PROBE_S
                 feats["embedding"].append(answer.seg_embeddings[0].float().cpu().numpy())
                 feats["state"].append(states[-1].reshape(-1, states[-1].shape[-1])[0].float().cpu().numpy())
                 labels.append((_third(o.center[0], scene.width), _third(o.center[1], scene.height), int(positional)))
-                if positions is not None:
-                    place_term.append(_place_term_readout(positions, prefix, answer.seg_embeddings[0], scene, e.target))
+                if has_places:
+                    pixel = prefix.pixel_features
+                    places = engine.model.pixel_place_features(*pixel.shape[-2:], pixel.device, pixel.dtype)
+                    place_term.append(_place_term_readout(places, answer.seg_embeddings[0], scene, e.target))
     hook.remove()
     return {"features": {k: np.stack(v) for k, v in feats.items()}, "labels": np.array(labels), "asked": asked,
             "place_term": np.array(place_term) if place_term else None}
 
 
 @torch.no_grad()
-def _place_term_readout(positions: torch.nn.Module, prefix: Any, query: torch.Tensor, scene: sr.Scene, target: int
-                        ) -> tuple[int, int, int]:
-    """(peak column third, peak row third, target first) of ``query`` · the pixel positions on the mask grid."""
-    h, w = prefix.pixel_features.shape[-2:]
-    field = positions(grid_position_features(h, w, query.device).to(query.dtype)) @ query  # (h, w)
+def _place_term_readout(places: torch.Tensor, query: torch.Tensor, scene: sr.Scene, target: int) -> tuple[int, int, int]:
+    """(peak column third, peak row third, target first) of ``query`` · ``places``, the (h, w, D_seg) pixel
+    positions of the mask grid (``pixel_place_features``)."""
+    h, w = places.shape[:2]
+    field = places @ query  # (h, w)
     row, col = divmod(int(field.argmax()), w)
     masks = torch.from_numpy(np.stack([o.mask for o in scene.objects])).float()[:, None]
     cover = F.interpolate(masks, size=(h, w), mode="area")[:, 0].to(field.device)  # each object's share of a cell

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.configuration_pixel_sail import PixelSailConfig
-from ..model.modeling_pixel_sail import PixelSailForConditionalGeneration, grid_position_features
+from ..model.modeling_pixel_sail import PixelSailForConditionalGeneration
 from ..model.processing_pixel_sail import PixelSailProcessor
 from ..model.tokenization import add_pixel_sail_tokens, build_tiny_tokenizer, special_token_ids
 from . import plots
@@ -480,13 +480,13 @@ class TrainModule(nn.Module):
 
     def mask_place_logits(self, out: Any) -> list[torch.Tensor | None]:
         """Per sample, (n, h, w): the place term of each [SEG] mask alone, its embedding · the pixel positions."""
-        embed = base_model(self.model).pixel_position_embed
+        model = base_model(self.model)
         logits: list[torch.Tensor | None] = []
         for seg, pixel in zip(out.seg_embeddings, out.pixel_features):
             if pixel is None:
                 logits.append(None)
                 continue
-            places = embed(grid_position_features(pixel.shape[-2], pixel.shape[-1], pixel.device).to(pixel.dtype))
+            places = model.pixel_place_features(pixel.shape[-2], pixel.shape[-1], pixel.device, pixel.dtype)
             logits.append(torch.einsum("qc,hwc->qhw", seg, places))
         return logits
 

@@ -85,6 +85,9 @@ def test_pixel_positions_let_the_mask_features_of_a_uniform_image_say_where(mode
     shift = (placed - plain)[0]
     torch.testing.assert_close(shift, (torch.arange(w) + 0.5).div(w).sub(0.5).expand(h, w))  # the column, every row
     torch.testing.assert_close((placed - plain)[1:], torch.zeros_like(placed[1:]))  # no other channel moved
+    torch.testing.assert_close(shift, model.pixel_place_features(h, w, shift.device, shift.dtype)[..., 0])
+    with pytest.raises(ValueError, match="pixel_positions"):
+        model_factory(0).pixel_place_features(h, w, shift.device, shift.dtype)
 
 
 def test_the_cached_prefix_sees_the_pixel_positions_and_they_get_a_gradient(model_factory, processor, image_factory):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
-from pixel_sail_ros.model.modeling_pixel_sail import patch_position_features_dim
+from pixel_sail_ros.model.modeling_pixel_sail import grid_position_features
 
 from pixel_sail_ros.engine import PixelSailEngine
 from pixel_sail_ros.training import shapesref as sr
@@ -24,19 +22,16 @@ def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
 
 def test_place_term_readout_finds_where_a_known_field_peaks() -> None:
     # a place term that is the column coordinate (x − ½) for query e0: highest at the right edge
-    positions = torch.nn.Linear(patch_position_features_dim(), 4, bias=False)
-    with torch.no_grad():
-        positions.weight.zero_()
-        positions.weight[0, 0] = 1.0
+    places = torch.zeros(42, 56, 4)
+    places[..., 0] = grid_position_features(42, 56, torch.device("cpu"))[..., 0]
     query = torch.tensor([1.0, 0.0, 0.0, 0.0])
     gen = sr.ShapesRefGenerator(seed=3)
     scene = next(s for s in (gen.scene(i) for i in range(50)) if len(s.objects) >= 3)
-    prefix = SimpleNamespace(pixel_features=torch.zeros(4, 42, 56))
     order = sorted(range(len(scene.objects)), key=lambda k: scene.objects[k].mask.nonzero()[1].mean())
-    col, row, first = _place_term_readout(positions, prefix, query, scene, order[-1])
+    col, row, first = _place_term_readout(places, query, scene, order[-1])
     assert (col, first) == (2, 1)  # it peaks in the right third, and is highest on the rightmost object
-    assert _place_term_readout(positions, prefix, query, scene, order[0])[2] == 0  # not on the leftmost
-    col, _, first = _place_term_readout(positions, prefix, -query, scene, order[0])  # the mirror field
+    assert _place_term_readout(places, query, scene, order[0])[2] == 0  # not on the leftmost
+    col, _, first = _place_term_readout(places, -query, scene, order[0])  # the mirror field
     assert (col, first) == (0, 1)
 
 
