@@ -224,17 +224,19 @@ def probe_report(engine: PixelSailEngine, num_scenes: int = 300, seed: int = PRO
         report["query"][name] = {}
         for a, (place, classes) in enumerate(PLACES.items()):
             right = linear_probe_accuracy(x, qy[:, a], classes)
-            report["query"][name][place] = {"all": round(float(right.mean()), 3),
-                                            "plain": round(float(right[~positional].mean()), 3),
-                                            "positional": round(float(right[positional].mean()), 3)}
+            report["query"][name][place] = _by_phrasing(right, positional)
     if q["place_term"] is not None:  # read directly, on every query: no fit, nothing held out
-        term, every = q["place_term"], qy[:, 2] == 1
+        term = q["place_term"]
         readouts = {"column third": term[:, 0] == qy[:, 0], "row third": term[:, 1] == qy[:, 1],
                     "target first": term[:, 2] == 1}
-        report["query"]["place_term"] = {
-            name: {"all": round(float(right.mean()), 3), "plain": round(float(right[~every].mean()), 3),
-                   "positional": round(float(right[every].mean()), 3)} for name, right in readouts.items()}
+        report["query"]["place_term"] = {name: _by_phrasing(right, qy[:, 2] == 1) for name, right in readouts.items()}
     return report
+
+
+def _by_phrasing(right: np.ndarray, positional: np.ndarray) -> dict[str, float]:
+    """{all, plain, positional}: the share of ``right`` overall and for plain / positional phrases."""
+    return {"all": round(float(right.mean()), 3), "plain": round(float(right[~positional].mean()), 3),
+            "positional": round(float(right[positional].mean()), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixel_sail_ros.model.modeling_pixel_sail import grid_position_features
-
 from pixel_sail_ros.engine import PixelSailEngine
+from pixel_sail_ros.model.modeling_pixel_sail import grid_position_features
 from pixel_sail_ros.training import shapesref as sr
 from pixel_sail_ros.training.probe import _place_term_readout, linear_probe_accuracy, probe_report
 
