@@ -328,7 +328,9 @@ def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_th
     pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
     pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
-    assert client.spin_until(lambda: pub_img.get_subscription_count() and pub_depth.get_subscription_count(), 10)
+    # all three matched before the one camera_info is sent: a best-effort message sent earlier is simply lost
+    publishers = (pub_img, pub_depth, pub_info)
+    assert client.spin_until(lambda: all(p.get_subscription_count() for p in publishers), 10)
     img = image_msg(frame.rgb, 2000)
     info = CameraInfo(width=320, height=240, k=frame.K.reshape(-1).tolist())
     info.header = img.header
