@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--init", metavar="DIR", help="fine-tune this Pixel-SAIL checkpoint directory")
+    src.add_argument("--init", metavar="DIR",
+                     help="fine-tune this Pixel-SAIL checkpoint directory; a training checkpoint-N folder also "
+                     "warm-starts the training-only probes that match (fresh optimizer and schedule, unlike --resume)")
     src.add_argument("--init-llm", metavar="DIR", help="a plain Qwen2-family LLM directory (safetensors); vision parts start fresh")
     g.add_argument("--preset", default="tiny", choices=PixelSailConfig.presets, help="architecture when training from scratch (or the head sizes with --init-llm)")
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for a from-scratch non-tiny preset")
@@ -778,7 +780,10 @@ class Trainer:
             oversample_ratio=args.oversample_ratio, importance_sample_ratio=args.importance_sample_ratio,
         )
         aux = wants_attribute_maps(args) and args.data == "shapesref"
-        self.module = TrainModule(model, weights, aux, args.aux_query_place_on).to(self.device)
+        self.module = TrainModule(model, weights, aux, args.aux_query_place_on)
+        if args.init and not args.resume:
+            self._warm_start_probes(Path(args.init))
+        self.module.to(self.device)
         self.module.train()
         self.wrapped = self._wrap(self.module)
 
@@ -1108,6 +1113,25 @@ class Trainer:
         )
         for d in ckpts[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
+
+    def _warm_start_probes(self, ckpt: Path) -> None:
+        """Load the training-only probes a checkpoint-N folder saved, so a continuation does not restart them.
+
+        Only tensors outside the model (the probes) are taken, and only those this run has with the same shape;
+        the model itself came from ``from_pretrained``. A plain model directory has no such file: nothing to do.
+        """
+        extra = ckpt / EXTRA_FILE
+        if not extra.is_file():
+            return
+        own = {n: p for n, p in self.module.named_parameters() if not n.startswith("model.")}
+        saved = {k: v for k, v in load_file(str(extra)).items() if not k.startswith("model.")}
+        taken = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
+        with torch.no_grad():
+            for k in taken:
+                own[k].copy_(saved[k])
+        if self.dist.main:
+            left = sorted(set(own) - set(taken))
+            _log(f"warm-started {len(taken)} probe tensors from {extra}" + (f"; fresh: {left}" if left else ""))
 
     def _resume(self, where: str) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -182,6 +182,28 @@ def test_exact_resume(tmp_path: Path):
     assert any(not torch.equal(w2[k], wa[k]) for k in wa)
 
 
+def test_init_from_a_training_checkpoint_warm_starts_the_probes_with_a_fresh_optimizer(tmp_path: Path):
+    probes = ["--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1", "--eval-every", "0"]
+    a = tmp_path / "a"
+    assert train.main(TINY + probes + ["--max-steps", "2", "--save-every", "2", "--output-dir", str(a)]) == 0
+    saved = load_file(str(a / "checkpoint-2" / "trainable.safetensors"))
+    assert any(k.startswith("aux_object.") for k in saved)
+
+    def probes_after_init(init: Path) -> dict[str, torch.Tensor]:
+        argv = TINY + probes + ["--model-overrides", "{}", "--max-steps", "3", "--init", str(init),
+                                "--output-dir", str(tmp_path / init.name)]
+        trainer = train.Trainer(train.build_parser().parse_args(argv))
+        assert trainer.step == 0 and not trainer.optimizer.state  # a fresh optimizer and schedule
+        return {n: p.detach() for n, p in trainer.module.named_parameters() if not n.startswith("model.")}
+
+    warm = probes_after_init(a / "checkpoint-2")
+    assert set(saved) <= set(warm)
+    assert all(torch.equal(warm[k], saved[k]) for k in saved)
+    # the final model folder has no probes: they start from their own initialisation there
+    cold = probes_after_init(a)
+    assert not all(torch.equal(cold[k], saved[k]) for k in saved)
+
+
 def test_outputs_eval_plots_time_budget_and_engine_load(tmp_path: Path):
     out = tmp_path / "run"
     args = TINY + ["--max-steps", "50", "--eval-every", "1", "--eval-samples", "4", "--save-every", "0",
