@@ -40,6 +40,7 @@ from .metrics import MetricAccumulator
 DEFAULT_SEED = 424242
 DESCRIBE_EVERY = 4  # every 4th ShapesRef sample is a click description
 APPEARANCE_STREAM = 7  # generator stream for a photometric shift's randomness (0 draws scenes, 1 their turns)
+OBJECT_KINDS = tuple(f"{size} {shape}" for size in sr.SIZES for shape in sr.SHAPES)  # description breakdown keys
 
 
 @dataclass
@@ -48,11 +49,13 @@ class EvalTotals:
 
     Besides the headline metrics: the referring samples again per ShapesRef template (which phrasings fail),
     and how often a mask for a present target covers another object more than its own (a wrong choice of
-    object, as opposed to a poor outline of the right one).
+    object, as opposed to a poor outline of the right one); the click descriptions again per kind of object
+    clicked ("small star": which objects are misnamed).
     """
 
     acc: MetricAccumulator = field(default_factory=MetricAccumulator)
     templates: dict[str, MetricAccumulator] = field(default_factory=lambda: {t: MetricAccumulator() for t in sr.TEMPLATES})
+    objects: dict[str, MetricAccumulator] = field(default_factory=lambda: {k: MetricAccumulator() for k in OBJECT_KINDS})
     click_intersection: int = 0
     click_union: int = 0
     n_click: int = 0
@@ -71,7 +74,7 @@ class EvalTotals:
         return sum(self.wrong_by_template.values())
 
     def _accumulators(self) -> list[MetricAccumulator]:
-        return [self.acc, *(self.templates[t] for t in sr.TEMPLATES)]
+        return [self.acc, *(self.templates[t] for t in sr.TEMPLATES), *(self.objects[k] for k in OBJECT_KINDS)]
 
     def vector(self) -> list[float]:
         counts = [float(v) for a in self._accumulators() for v in vars(a).values()]
@@ -106,6 +109,12 @@ class EvalTotals:
                           "wrong_object_rate": self.wrong_by_template[t] / a.n_present if a.n_present else None}
         if per:
             out["per_template"] = per
+        kinds = {
+            k: {"n": a.n_desc, **{m: r[m] for m in ("description_accuracy", "description_shape_accuracy")}}
+            for k, a in self.objects.items() if a.n_desc for r in (a.compute(),)
+        }
+        if kinds:
+            out["description_per_object"] = kinds
         out["num_samples"] = self.num_samples
         return out
 
@@ -176,7 +185,9 @@ def evaluate_shapesref(
                                  "pred_text": f"{answer} IoU {score:.2f}"})
         else:
             out = engine.segment(image, points=[s.prompt.point], describe=True)
-            totals.acc.add_description(out.description, scene.objects[s.object_index])
+            obj = scene.objects[s.object_index]
+            totals.acc.add_description(out.description, obj)
+            totals.objects[f"{obj.size} {obj.shape}"].add_description(out.description, obj)
             pred = _union(out.masks, hw)
             gt = scene.objects[s.object_index].mask
             totals.click_intersection += int((pred & gt).sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,8 @@ def test_metrics_are_perfect_for_an_oracle_and_shard_cleanly():
     assert sum(v["n"] for v in r["per_template"].values()) == r["n_segmentation"]
     assert all(v["ciou"] == 1.0 for v in r["per_template"].values())
     assert all(v["wrong_object_rate"] in (None, 0.0) for v in r["per_template"].values())
+    assert sum(v["n"] for v in r["description_per_object"].values()) == r["n_description"]
+    assert all(v["description_accuracy"] == 1.0 for v in r["description_per_object"].values())
     # two "ranks" summed give the same counters as one pass (what all_reduce does under DDP)
     parts = [evaluate.evaluate_shapesref(oracle, seed=3, num_samples=16, rank=k, world_size=2)[0] for k in (0, 1)]
     merged = evaluate.EvalTotals()
@@ -168,3 +171,25 @@ def test_wrong_object_compares_overlaps():
     assert evaluate.wrong_object(b, scene, 0) == 1
     assert evaluate.wrong_object(a | b, scene, 1 if a.sum() > b.sum() else 0) is not None  # both: the bigger wins
     assert evaluate.wrong_object(np.zeros_like(a), scene, 0) is None  # an empty mask is a miss, not a wrong pick
+
+
+class StarBlindEngine(OracleEngine):
+    """Names every star a triangle; every other answer is right."""
+
+    def segment(self, rgb, text="", points=None, boxes=None, describe=False) -> SegmentationOutput:
+        out = super().segment(rgb, text, points, boxes, describe)
+        if out.description:
+            out = replace(out, description=out.description.replace("star", "triangle"))
+        return out
+
+
+def test_description_per_object_shows_which_objects_are_misnamed():
+    r = evaluate.evaluate_shapesref(StarBlindEngine(seed=4, n=80), seed=4, num_samples=80)[0].compute()
+    per = r["description_per_object"]
+    assert set(per) <= set(evaluate.OBJECT_KINDS) and sum(v["n"] for v in per.values()) == r["n_description"] == 20
+    stars = [k for k in per if k.endswith(" star")]
+    assert stars and len(stars) < len(per)
+    for k, v in per.items():
+        want = 0.0 if k in stars else 1.0
+        assert v["description_accuracy"] == v["description_shape_accuracy"] == want, (k, v)
+    assert r["description_accuracy"] == pytest.approx(1 - sum(per[k]["n"] for k in stars) / 20)
