@@ -72,10 +72,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 EXTRA_FILE = "trainable.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
-# Modules that stay fully trainable under LoRA (the paper's new parts; they are small).
+# Modules that stay fully trainable under LoRA: the paper's new parts and this project's zero-initialised
+# switches (all small; a switch frozen at zero under LoRA would never turn on).
 HEAD_MODULES = (
     "vis_embed", "vp_embed", "image_feature_pre_projector", "upsample_blocks", "image_feature_projector",
     "seg_token_projector", "distill_pixel_head", "distill_token_head",
+    "pixel_skip", "patch_position_embed", "pixel_position_embed",
 )
 LORA_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 

@@ -272,13 +272,15 @@ def test_lora_finetune_merges_and_keeps_the_base_frozen(tmp_path: Path):
     base = make_tiny_checkpoint(tmp_path / "base")
     out = tmp_path / "lora"
     args = TINY[4:] + ["--init", str(base), "--lora-r", "2", "--max-steps", "2", "--eval-every", "0",
-                       "--save-every", "1", "--output-dir", str(out)]
+                       "--save-every", "1", "--output-dir", str(out), "--model-overrides", '{"pixel_positions": true}']
     assert train.main(args) == 0
     ckpt = load_file(str(out / "checkpoint-1" / "trainable.safetensors"))
     assert any("lora_A" in k for k in ckpt) and any("seg_token_projector" in k for k in ckpt)
     assert not any("layers.0.mlp.up_proj.base_layer" in k for k in ckpt)  # frozen base not duplicated
     before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert after.keys() == before.keys()  # merged: a plain checkpoint, no adapter keys
+    # merged: a plain checkpoint, no adapter keys; the switch turned on here starts at zero and trains under LoRA
+    assert after.keys() == before.keys() | {"pixel_position_embed.weight"}
+    assert after["pixel_position_embed.weight"].abs().max() > 0
     assert not torch.equal(before["seg_token_projector.0.weight"], after["seg_token_projector.0.weight"])
     assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # not a LoRA target, frozen
 
