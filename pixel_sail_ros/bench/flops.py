@@ -61,7 +61,19 @@ def prefix_flops(config: Any, tokens: int, patches: int | None = None) -> int:
     """
     patches = tokens - 2 if patches is None else patches
     vis_embed = 2 * patches * (3 * config.patch_size**2) * config.text_config.hidden_size
-    return decoder_flops(config, tokens) + vis_embed
+    return decoder_flops(config, tokens) + vis_embed + patches * patch_stem_flops(config)
+
+
+def patch_stem_flops(config: Any) -> int:
+    """FLOPs of ``config.patch_stem`` for one patch (0 without it): its two convolutions and its projection."""
+    if not getattr(config, "patch_stem", False):
+        return 0
+    from pixel_sail_ros.model.modeling_pixel_sail import PATCH_STEM_CHANNELS, patch_stem_side
+
+    c1, c2 = PATCH_STEM_CHANNELS
+    first = (config.patch_size - 1) // 2 + 1  # the side after the first stride-2 convolution
+    second = patch_stem_side(config.patch_size)
+    return 2 * (first**2 * c1 * 3 * 9 + second**2 * c2 * c1 * 9 + second**2 * c2 * config.text_config.hidden_size)
 
 
 def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:

@@ -132,6 +132,34 @@ class PixelSailSeparableConv(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+PATCH_STEM_CHANNELS = (16, 32)
+
+
+def patch_stem_side(patch_size: int) -> int:
+    """Side of the stem's output map: two stride-2 3×3 convolutions with padding 1."""
+    return ((patch_size - 1) // 2) // 2 + 1
+
+
+class PixelSailPatchStem(nn.Module):
+    """Two stride-2 3×3 convolutions (GELU after each) within each patch, flattened, then a linear to the hidden
+    size; ``proj`` starts at zero (``config.patch_stem``)."""
+
+    def __init__(self, patch_size: int, hidden: int, channels: Sequence[int] = PATCH_STEM_CHANNELS) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.patch_size = int(patch_size)
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, c1, kernel_size=3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1), nn.GELU(),
+        )
+        self.proj = nn.Linear(c2 * patch_stem_side(self.patch_size) ** 2, hidden, bias=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, 3·P·P) patch rows, channel-first like the processor's → (N, hidden)."""
+        p = self.patch_size
+        return self.proj(self.convs(rows.reshape(-1, 3, p, p)).flatten(1))
+
+
 PATCH_POSITION_OCTAVES = 6  # Fourier frequencies π·2^k, k < 6: from half the image to ~1/64 of it
 
 
@@ -192,12 +220,17 @@ class PixelSailPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' defaults, except the pixel skip and the patch and pixel positions start at zero (a model
-        fine-tuned into any of them starts unchanged)."""
+        """transformers' defaults, except the pixel skip, the patch and pixel positions and the patch stem's
+        projection start at zero (a model fine-tuned into any of them starts unchanged)."""
         super()._init_weights(module)
         zero_start = ("pixel_skip", "patch_position_embed", "pixel_position_embed")
-        if any(module is getattr(self, name, None) for name in zero_start):
+        stem = getattr(self, "patch_stem", None)
+        if any(module is getattr(self, name, None) for name in zero_start) or (stem is not None and module is stem.proj):
             init.zeros_(module.weight)
+        elif stem is not None and isinstance(module, nn.Conv2d) and any(module is m for m in stem.convs):
+            # He initialisation: the stem's features must be of order one for its zero projection to learn fast
+            init.kaiming_normal_(module.weight, nonlinearity="relu")
+            init.zeros_(module.bias)
 
 
 class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixin):
@@ -226,6 +259,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         self.patch_position_embed = (
             nn.Linear(patch_position_features_dim(), hidden, bias=False) if config.patch_positions else None
         )
+        self.patch_stem = PixelSailPatchStem(config.patch_size, hidden) if config.patch_stem else None
         self.vp_embed = nn.Linear(hidden, hidden, bias=False) if config.visual_prompt_injection else None
         self.lm_head = nn.Linear(hidden, text.vocab_size, bias=False)
 
@@ -296,7 +330,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         visual_prompt_ids: torch.LongTensor | None = None,
         image_grid_hw: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings, plus vis_embed(patch) at each <vpatch> and vp_embed(E(<Prompt k>)) where k >= 0.
+        """Token embeddings, plus vis_embed(patch) (+ patch_stem(patch)) at each <vpatch> and vp_embed(E(<Prompt k>))
+        where k >= 0.
 
         The i-th <vpatch> of sample b takes ``pixel_values[b, i]`` (rows past the sample's patch count are
         padding) and, with ``config.patch_positions``, the embedding of its place in the (h, w) grid of
@@ -319,7 +354,10 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                     f"a sample has {int(n_patches.max())} <vpatch> tokens, pixel_values rows: {pixel_values.shape[1]}"
                 )
             rows = torch.arange(pixel_values.shape[1], device=input_ids.device)[None, :] < n_patches[:, None]
-            patches = self.vis_embed(pixel_values[rows].to(embeds.dtype))
+            pixels = pixel_values[rows].to(embeds.dtype)
+            patches = self.vis_embed(pixels)
+            if self.patch_stem is not None:
+                patches = patches + self.patch_stem(pixels)
             if self.patch_position_embed is not None:
                 if image_grid_hw is None:
                     raise ValueError("config.patch_positions needs image_grid_hw to place the patches")

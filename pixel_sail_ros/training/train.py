@@ -77,7 +77,7 @@ METRICS_FILE = "metrics.jsonl"
 HEAD_MODULES = (
     "vis_embed", "vp_embed", "image_feature_pre_projector", "upsample_blocks", "image_feature_projector",
     "seg_token_projector", "distill_pixel_head", "distill_token_head",
-    "pixel_skip", "patch_position_embed", "pixel_position_embed",
+    "pixel_skip", "patch_position_embed", "pixel_position_embed", "patch_stem",
 )
 LORA_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 

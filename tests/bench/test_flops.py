@@ -52,8 +52,8 @@ def test_pixel_decoder_hand_count() -> None:
         block1 + block2 + skip + projector)
 
 
-@pytest.mark.parametrize("pixel_skip", [False, True])
-def test_prefill_count_equals_torch_flop_counter_on_the_model(pixel_skip: bool) -> None:
+@pytest.mark.parametrize("switches", [{}, {"pixel_skip": True}, {"patch_stem": True}], ids=["plain", "pixel_skip", "patch_stem"])
+def test_prefill_count_equals_torch_flop_counter_on_the_model(switches: dict) -> None:
     """Every matmul/conv the real prefill runs is counted, and nothing else (eager attention: counted matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,7 +61,7 @@ def test_prefill_count_equals_torch_flop_counter_on_the_model(pixel_skip: bool) 
     from pixel_sail_ros.model.processing_pixel_sail import PixelSailProcessor
     from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
 
-    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2, pixel_skip=pixel_skip)
+    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2, **switches)
     torch.manual_seed(0)
     model = PixelSailForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     processor = PixelSailProcessor.from_config(cfg, build_tiny_tokenizer())
@@ -73,6 +73,8 @@ def test_prefill_count_equals_torch_flop_counter_on_the_model(pixel_skip: bool) 
     per_module = counter.get_flop_counts()
     decoder = sum(per_module["PixelSailForConditionalGeneration.model"].values())
     assert decoder == flops.decoder_flops(cfg, image.grid_hw[0] * image.grid_hw[1] + 2)
+    stem = sum(per_module.get("PixelSailForConditionalGeneration.patch_stem", {}).values())
+    assert stem == image.grid_hw[0] * image.grid_hw[1] * flops.patch_stem_flops(cfg) and (stem > 0) == bool(switches.get("patch_stem"))
     # the pixel decoder is not part of the prefill: it runs once, when the features are first needed
     assert not prefix.pixel_features_decoded
     with FlopCounterMode(display=False) as counter:

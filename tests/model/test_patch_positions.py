@@ -6,6 +6,8 @@ with place, and the new weights learn (their gradient is not zero)."""
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 import pytest
 import torch
@@ -35,14 +37,15 @@ def test_features_mark_the_same_relative_place_at_any_grid_size():
 
 @pytest.mark.parametrize(
     "switch,module",
-    [("pixel_skip", "pixel_skip"), ("patch_positions", "patch_position_embed"), ("pixel_positions", "pixel_position_embed")],
+    [("pixel_skip", "pixel_skip"), ("patch_positions", "patch_position_embed"), ("pixel_positions", "pixel_position_embed"),
+     ("patch_stem", "patch_stem.proj")],
 )
 def test_a_checkpoint_without_a_zero_initialised_switch_loads_into_it_unchanged(tmp_path, model_factory, processor,
                                                                               image_factory, switch, module):
     plain = model_factory(2)
     plain.save_pretrained(tmp_path)
     grown = PixelSailForConditionalGeneration.from_pretrained(tmp_path, **{switch: True}).eval()
-    assert getattr(grown.config, switch) and getattr(grown, module).weight.abs().max() == 0
+    assert getattr(grown.config, switch) and attrgetter(module)(grown).weight.abs().max() == 0
     sample = sample_for(processor, image_factory(64, 80, seed=2), [Turn("blue star", SEG_ANSWER)])
     torch.testing.assert_close(run(grown, processor, [sample]).mask_logits[0], run(plain, processor, [sample]).mask_logits[0])
 
