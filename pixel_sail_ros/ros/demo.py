@@ -101,10 +101,11 @@ def describe_result(res: SegmentationResult, frame: SyntheticFrame, target: Opti
     obj = res.objects[0]
     mask = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(obj.mask.height, obj.mask.width) > 0
     iou = mask_iou(mask, frame.masks[target]) if target is not None else 0.0
-    pos = (f"  xyz=({obj.position.x:+.2f}, {obj.position.y:+.2f}, {obj.position.z:.2f}) m" if obj.has_position else "")
+    pos = (f"  xyz=({obj.position.x:+.2f}, {obj.position.y:+.2f}, {obj.position.z:.2f}) m" if obj.has_position
+           else "  no 3D position (fewer mask pixels with depth than min_depth_points)")
     truth = "should be absent" if target is None else f"IoU vs truth {iou:.2f}"
     return (f"{len(res.objects)} object(s), score {obj.score:.2f}, box {obj.bbox.width}x{obj.bbox.height}"
-            f"@({obj.bbox.x_offset},{obj.bbox.y_offset}){pos}  [{truth}]  model {lat}")
+            f"@({obj.bbox.x_offset},{obj.bbox.y_offset}), {int(mask.sum())} px{pos}  [{truth}]  model {lat}")
 
 
 def run_demo(model_path: str, out_dir: Path, scenes: int, seed: int, timeout: float,
