@@ -28,7 +28,7 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
     assert doc["suite"] == "model" and doc["machine"]["cpu_count"] >= 1
     entries = doc["model"]
     assert [e["resolution"] for e in entries] == [[320, 240], [640, 480]]
-    cfg = PixelSailConfig.from_preset("tiny")
+    cfg = PixelSailConfig.from_pretrained(bench_model_dir)  # the benched checkpoint's own switches count too
     for e in entries:
         missing = [k for k in REQUIRED if k not in e]
         assert not missing, missing
