@@ -68,11 +68,10 @@ def patch_stem_flops(config: Any) -> int:
     """FLOPs of ``config.patch_stem`` for one patch (0 without it): its two convolutions and its projection."""
     if not getattr(config, "patch_stem", False):
         return 0
-    from pixel_sail_ros.model.modeling_pixel_sail import PATCH_STEM_CHANNELS, patch_stem_side
+    from pixel_sail_ros.model.modeling_pixel_sail import PATCH_STEM_CHANNELS, patch_stem_side, stride2_side
 
     c1, c2 = PATCH_STEM_CHANNELS
-    first = (config.patch_size - 1) // 2 + 1  # the side after the first stride-2 convolution
-    second = patch_stem_side(config.patch_size)
+    first, second = stride2_side(config.patch_size), patch_stem_side(config.patch_size)
     return 2 * (first**2 * c1 * 3 * 9 + second**2 * c2 * c1 * 9 + second**2 * c2 * config.text_config.hidden_size)
 
 

@@ -135,9 +135,14 @@ class PixelSailSeparableConv(nn.Module):
 PATCH_STEM_CHANNELS = (16, 32)
 
 
+def stride2_side(side: int) -> int:
+    """Side of a map after one of the stem's stride-2 3×3 convolutions with padding 1."""
+    return (side - 1) // 2 + 1
+
+
 def patch_stem_side(patch_size: int) -> int:
-    """Side of the stem's output map: two stride-2 3×3 convolutions with padding 1."""
-    return ((patch_size - 1) // 2) // 2 + 1
+    """Side of the stem's output map: two stride-2 convolutions."""
+    return stride2_side(stride2_side(patch_size))
 
 
 class PixelSailPatchStem(nn.Module):
