@@ -14,11 +14,11 @@ from pixel_sail_ros.training.camera_frames import SyntheticFrame, render_frame
 
 def main(args: Optional[list[str]] = None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
     from sensor_msgs.msg import CameraInfo, Image
 
     from .image_conversion import numpy_to_image
+    from .spin import spin_until_shutdown
 
     rclpy.init(args=args)
     node = Node("synthetic_camera")
@@ -60,13 +60,7 @@ def main(args: Optional[list[str]] = None) -> int:
         count[0] += 1
 
     node.create_timer(1.0 / rate, tick)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_until_shutdown(node)
     return 0
 
 

@@ -13,10 +13,11 @@ from typing import Optional
 
 def main(args: Optional[list[str]] = None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
+
+    from ..spin import spin_until_shutdown
 
     rclpy.init(args=args)
     node = Node("pixel_sail_bench_echo")
@@ -24,13 +25,7 @@ def main(args: Optional[list[str]] = None) -> int:
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
     node.create_subscription(Image, "echo_in", pub.publish, qos)
     node.get_logger().info("echo ready")
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_until_shutdown(node)
     return 0
 
 
