@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs over a manifest; required for ShapesRef)")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs over a manifest when --max-steps is not given")
     g.add_argument("--lr", type=float, default=4e-5, help="peak learning rate (paper: 4e-5 fine-tune; ~1e-3 suits tiny from scratch)")
+    g.add_argument("--lr-scale", default=None, metavar="MODULE=F,...", help="multiply --lr by F for the parameters under MODULE, e.g. patch_stem=10 (a zero-initialised switch in a trained model)")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
     g.add_argument("--warmup-ratio", type=float, default=0.05)
     g.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-ratio")
@@ -597,13 +598,40 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, time_progres
     return cosine(max((step - warmup) / max(1, total - warmup), time_progress))
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; no decay for biases, norms and other 1-D parameters (as transformers' Trainer)."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(
+    module: nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Decay matrices; no decay for biases, norms and other 1-D parameters (as transformers' Trainer).
+
+    ``lr_scale`` maps a module name (one or more dotted components of a parameter's name, e.g. ``patch_stem``)
+    to a multiplier of ``lr`` for its parameters: a zero-initialised switch fine-tuned into a trained model
+    otherwise grows at the pace of weights that are already in place. A name that matches no trainable
+    parameter is an error (a typo would silently train at the base rate). The scheduler scales every group's
+    rate alike, so the ratios hold all run long.
+    """
+    scales = dict(lr_scale or {})
+    if scales and lr is None:
+        raise ValueError("lr_scale needs the base lr")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in scales if f".{k}." in f".{name}."), None)
+        factor = 1.0 if key is None else scales[key]
+        if key is not None:
+            used.add(key)
+        groups.setdefault((factor, p.dim() >= 2), []).append(p)
+    unused = sorted(set(scales) - used)
+    if unused:
+        raise ValueError(f"no trainable parameter is named {unused}")
+    out = []
+    for (factor, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1])):
+        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if factor != 1.0:
+            group["lr"] = lr * factor
+        out.append(group)
+    return out
 
 
 # =================================================================================== checkpoint I/O
@@ -789,8 +817,12 @@ class Trainer:
         self.module.train()
         self.wrapped = self._wrap(self.module)
 
+        try:
+            groups = param_groups(self.module, args.weight_decay, args.lr, _parse_mix(args.lr_scale, "--lr-scale"))
+        except ValueError as exc:
+            raise SystemExit(f"--lr-scale {args.lr_scale}: {exc}") from None
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.module, args.weight_decay), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+            groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.weight_decay, foreach=True,
         )
         self.dataset = self._dataset()
