@@ -46,6 +46,10 @@ from ..model.modeling_pixel_sail import PixelSailForConditionalGeneration
 from ..model.processing_pixel_sail import PixelSailProcessor
 from ..model.tokenization import add_pixel_sail_tokens, build_tiny_tokenizer, special_token_ids
 from . import plots
+from .checkpoint_files import (
+    CHECKPOINT_PREFIX, EXTRA_FILE, OPTIMIZER_FILE, TRAINER_STATE, jsonable, latest_checkpoint, load_optimizer_state,
+    optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files, saved_keys, write_json,
+)
 from .data import (
     AUX_NUM_CLASSES,
     ItemCollator,
@@ -58,8 +62,8 @@ from .losses import (
     AttributeProbe, LossWeights, aux_attribute_loss, compute_losses, mask_place_loss, object_attribute_loss,
     object_place_loss, query_place_loss, seg_query_attribute_loss,
 )
+from .optimization import lr_lambda, param_groups
 
-CHECKPOINT_PREFIX = "checkpoint-"
 # Values averaged over ranks for the log (a fixed list, so every rank's all_reduce has the same shape).
 LOG_KEYS = (
     "loss", "loss_text", "loss_mask", "loss_dice", "num_masks", "loss_distill_pixel", "loss_distill_token",
@@ -67,9 +71,6 @@ LOG_KEYS = (
     "loss_aux_mask_place",
     "grad_norm",
 )
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-EXTRA_FILE = "trainable.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 # Modules that stay fully trainable under LoRA: the paper's new parts and this project's zero-initialised
@@ -582,169 +583,6 @@ def _patch(model: nn.Module) -> int:
     return int(p[0] if isinstance(p, (list, tuple)) else p)
 
 
-# ========================================================================================= schedule
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float, time_progress: float = 0.0) -> float:
-    """Linear warmup from ~0 to 1, then cosine down to ``min_ratio`` at ``total``, or earlier where
-    ``time_progress`` (the spent fraction of a time budget) is further along than the steps. The cosine of
-    the spent time also caps the warmup, so a slow run still ends at the floor."""
-
-    def cosine(progress: float) -> float:
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    if warmup > 0 and step < warmup:
-        return max(1e-5, min((step + 1) / warmup, cosine(time_progress)))
-    return cosine(max((step - warmup) / max(1, total - warmup), time_progress))
-
-
-def param_groups(
-    module: nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """Decay matrices; no decay for biases, norms and other 1-D parameters (as transformers' Trainer).
-
-    ``lr_scale`` maps a module name (one or more dotted components of a parameter's name, e.g. ``patch_stem``)
-    to a multiplier of ``lr`` for its parameters: a zero-initialised switch fine-tuned into a trained model
-    otherwise grows at the pace of weights that are already in place. A name that matches no trainable
-    parameter is an error (a typo would silently train at the base rate). The scheduler scales every group's
-    rate alike, so the ratios hold all run long.
-    """
-    scales = dict(lr_scale or {})
-    if scales and lr is None:
-        raise ValueError("lr_scale needs the base lr")
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    used: set[str] = set()
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = next((k for k in scales if f".{k}." in f".{name}."), None)
-        factor = 1.0 if key is None else scales[key]
-        if key is not None:
-            used.add(key)
-        groups.setdefault((factor, p.dim() >= 2), []).append(p)
-    unused = sorted(set(scales) - used)
-    if unused:
-        raise ValueError(f"no trainable parameter is named {unused}")
-    out = []
-    for (factor, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1])):
-        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decays else 0.0}
-        if factor != 1.0:
-            group["lr"] = lr * factor
-        out.append(group)
-    return out
-
-
-# =================================================================================== checkpoint I/O
-# checkpoint-{step}/
-#   config.json, model.safetensors, tokenizer, processor_config.json   loadable model (not for LoRA runs)
-#   trainable.safetensors    tensors not in model.safetensors: aux probes, distill heads, LoRA + heads
-#   optimizer.safetensors    optimizer tensors "state/{param FQN}/{name}"
-#   trainer_state.json       step, scheduler, optimizer scalars/param groups, data position, args
-#   rng_state_{rank}.safetensors / .json     each rank's torch/CUDA/numpy/python RNG state
-# No pickle: tensors go to safetensors, everything else to JSON.
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.item() if x.numel() == 1 else x.tolist()
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    return x
-
-
-def optimizer_to_files(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an FQN-keyed optimizer state dict into safetensors tensors and a JSON part."""
-    tensors, scalars = {}, {}
-    for fqn, st in osd["state"].items():
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state/{fqn}/{name}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(fqn, {})[name] = _jsonable(v)
-    return tensors, {"scalars": scalars, "param_groups": _jsonable(osd["param_groups"])}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Inverse of :func:`optimizer_to_files`."""
-    state: dict[str, dict] = {}
-    for key, v in tensors.items():
-        fqn, name = key[len("state/"):].rsplit("/", 1)
-        state.setdefault(fqn, {})[name] = v
-    for fqn, sc in meta["scalars"].items():
-        state.setdefault(fqn, {}).update(sc)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
-
-
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
-    """Load an FQN-keyed full optimizer state (plain, DDP or FSDP module); call before any gradient exists."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(module, optimizer, osd, options=StateDictOptions(full_state_dict=True))
-    for g in optimizer.param_groups:  # the loader hands back lists; keep torch's own tuple type
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-
-
-def rng_to_files() -> tuple[dict[str, torch.Tensor], dict]:
-    """This process's RNG states: torch CPU + every CUDA device (tensors), numpy and python (JSON)."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": _jsonable(random.getstate()), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    return tensors, meta
-
-
-def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors)) if f"torch_cuda_{i}" in tensors]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _saved_keys(model_dir: Path) -> set[str]:
-    """Tensor names in a model directory's safetensors file(s), read from the headers only."""
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for f in model_dir.glob("model*.safetensors"):
-        with safe_open(str(f), framework="pt") as h:
-            keys.update(h.keys())
-    return keys
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The highest-step complete ``checkpoint-*`` folder (one with its trainer state), or None."""
-    best, best_step = None, -1
-    for d in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        try:
-            step = int(d.name[len(CHECKPOINT_PREFIX):])
-        except ValueError:
-            continue
-        if (d / TRAINER_STATE).is_file() and step > best_step:
-            best, best_step = d, step
-    return best
-
-
 # ============================================================================================ trainer
 
 
@@ -1105,7 +943,7 @@ class Trainer:
                 model_state = self._model_dir_state(state)
                 model.save_pretrained(str(tmp), state_dict=model_state)
                 self.processor.save_pretrained(tmp)
-                saved = _saved_keys(tmp)
+                saved = saved_keys(tmp)
                 extra = {k: v for k, v in state.items() if not (k.startswith("model.") and k[len("model."):] in saved)}
                 # tied weights are dropped by save_pretrained and restored by tying: not extra
                 tied = set(getattr(model, "_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
@@ -1113,16 +951,16 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in extra.items()}, str(tmp / EXTRA_FILE))
             tensors, meta = optimizer_to_files(osd)
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
-            _write_json(tmp / TRAINER_STATE, {
+            write_json(tmp / TRAINER_STATE, {
                 "step": self.step, "micro_step": self.micro, "max_steps": self.max_steps, "warmup": self.warmup,
                 "elapsed_seconds": elapsed, "world_size": self.dist.world, "lora": self.lora,
-                "scheduler": _jsonable(self.scheduler.state_dict()), "optimizer": meta,
+                "scheduler": jsonable(self.scheduler.state_dict()), "optimizer": meta,
                 "args": vars(self.args), "history_tail": self.history[-50:],
             })
         self.dist.barrier()
         rng_tensors, rng_meta = rng_to_files()
         save_file(rng_tensors, str(tmp / f"rng_state_{self.dist.rank}.safetensors"))
-        _write_json(tmp / f"rng_state_{self.dist.rank}.json", rng_meta)
+        write_json(tmp / f"rng_state_{self.dist.rank}.json", rng_meta)
         self.dist.barrier()
         if self.dist.main:
             if final.exists():
@@ -1221,7 +1059,7 @@ class Trainer:
             model_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model_state.items()}
             model.save_pretrained(str(self.out), state_dict=model_state)
             self.processor.save_pretrained(self.out)
-            _write_json(self.out / "training_args.json", {**vars(self.args), "final_step": self.step})
+            write_json(self.out / "training_args.json", {**vars(self.args), "final_step": self.step})
             plots.plot_curves(plots.read_jsonl(self.out / METRICS_FILE), self.out / "curves.png")
             _log(f"saved the model to {self.out}")
         self.dist.barrier()

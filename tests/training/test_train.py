@@ -19,7 +19,7 @@ from pixel_sail_ros.model.configuration_pixel_sail import PixelSailConfig
 from pixel_sail_ros.model.modeling_pixel_sail import PixelSailForConditionalGeneration
 from pixel_sail_ros.model.processing_pixel_sail import PixelSailProcessor
 from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
-from pixel_sail_ros.training import train
+from pixel_sail_ros.training import checkpoint_files, optimization, train
 from pixel_sail_ros.training.manifest import encode_rle, write_manifest
 
 TINY_OVERRIDES = {"num_hidden_layers": 2}
@@ -82,19 +82,19 @@ def write_shapes_manifest(root: Path, n: int = 3) -> Path:
 
 
 def test_lr_schedule_warmup_then_cosine():
-    assert train.lr_lambda(0, 10, 100, 0.0) == pytest.approx(0.1)
-    assert train.lr_lambda(9, 10, 100, 0.0) == pytest.approx(1.0)
-    assert train.lr_lambda(55, 10, 100, 0.0) == pytest.approx(0.5)
-    assert train.lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert optimization.lr_lambda(0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert optimization.lr_lambda(9, 10, 100, 0.0) == pytest.approx(1.0)
+    assert optimization.lr_lambda(55, 10, 100, 0.0) == pytest.approx(0.5)
+    assert optimization.lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
 def test_lr_schedule_follows_the_spent_time_when_it_is_further_along_than_the_steps():
-    assert train.lr_lambda(20, 10, 1000, 0.0, time_progress=0.5) == pytest.approx(0.5)
-    assert train.lr_lambda(20, 10, 1000, 0.2, time_progress=1.7) == pytest.approx(0.2)  # clamped at the floor
-    assert train.lr_lambda(505, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # steps lead
-    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # warmup in steps...
+    assert optimization.lr_lambda(20, 10, 1000, 0.0, time_progress=0.5) == pytest.approx(0.5)
+    assert optimization.lr_lambda(20, 10, 1000, 0.2, time_progress=1.7) == pytest.approx(0.2)  # clamped at the floor
+    assert optimization.lr_lambda(505, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # steps lead
+    assert optimization.lr_lambda(4, 10, 1000, 0.0, time_progress=0.1) == pytest.approx(0.5)  # warmup in steps...
     late = 0.5 * (1 + math.cos(math.pi * 0.9))
-    assert train.lr_lambda(4, 10, 1000, 0.0, time_progress=0.9) == pytest.approx(late)  # ...capped by the time
+    assert optimization.lr_lambda(4, 10, 1000, 0.0, time_progress=0.9) == pytest.approx(late)  # ...capped by the time
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path):
@@ -102,18 +102,18 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path
 
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = torch.optim.AdamW(train.param_groups(m, 0.05), lr=1e-2)
+    opt = torch.optim.AdamW(optimization.param_groups(m, 0.05), lr=1e-2)
     m(torch.randn(5, 3)).sum().backward()
     opt.step()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
-    tensors, meta = train.optimizer_to_files(osd)
+    tensors, meta = checkpoint_files.optimizer_to_files(osd)
     save_file(tensors, str(tmp_path / "o.safetensors"))
     meta = json.loads(json.dumps(meta))
     m.zero_grad(set_to_none=True)  # as at resume time: a fresh optimizer, no gradients yet
-    opt2 = torch.optim.AdamW(train.param_groups(m, 0.05), lr=1e-2)
-    train.load_optimizer_state(m, opt2, train.optimizer_from_files(load_file(str(tmp_path / "o.safetensors")), meta))
+    opt2 = torch.optim.AdamW(optimization.param_groups(m, 0.05), lr=1e-2)
+    checkpoint_files.load_optimizer_state(m, opt2, checkpoint_files.optimizer_from_files(load_file(str(tmp_path / "o.safetensors")), meta))
     for p in m.parameters():
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][k], opt2.state[p][k])
@@ -123,22 +123,22 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path
 def test_lr_scale_gives_the_named_modules_their_own_rate_through_the_schedule():
     torch.manual_seed(0)
     m = torch.nn.ModuleDict({"stem": torch.nn.Linear(3, 4), "body": torch.nn.Sequential(torch.nn.Linear(4, 2))})
-    groups = train.param_groups(m, 0.05, lr=1e-3, lr_scale={"stem": 10.0})
+    groups = optimization.param_groups(m, 0.05, lr=1e-3, lr_scale={"stem": 10.0})
     by_param = {id(p): g for g in groups for p in g["params"]}
     assert by_param[id(m["stem"].weight)]["lr"] == pytest.approx(1e-2)
     assert by_param[id(m["stem"].bias)]["weight_decay"] == 0.0  # 1-D parameters keep no decay under a scale
     assert "lr" not in by_param[id(m["body"][0].weight)]  # the base rate, as before
     assert groups[0]["params"] == [m["body"][0].weight]  # the base group first: its rate is the one logged
     opt = torch.optim.AdamW(groups, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_lambda(s, 2, 10, 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: optimization.lr_lambda(s, 2, 10, 0.0))
     for _ in range(5):
         opt.step()
         sched.step()
         rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
         assert rates[id(m["stem"].weight)] == pytest.approx(10 * rates[id(m["body"][0].weight)])
     with pytest.raises(ValueError, match=r"no trainable parameter is named \['stm'\]"):
-        train.param_groups(m, 0.05, lr=1e-3, lr_scale={"stm": 10.0})
-    assert [p for g in train.param_groups(m, 0.05) for p in g["params"]] == [
+        optimization.param_groups(m, 0.05, lr=1e-3, lr_scale={"stm": 10.0})
+    assert [p for g in optimization.param_groups(m, 0.05) for p in g["params"]] == [
         m["stem"].weight, m["body"][0].weight, m["stem"].bias, m["body"][0].bias]  # unchanged without scales
 
 
@@ -168,7 +168,7 @@ def test_overfits_a_fixed_batch():
     module = train.TrainModule(model, LossWeights(num_points=0), aux=False)
     data = ShapesRefDataset(processor, seed=3, turns_per_image=4, flip_prob=0.0)
     batch = ItemCollator(processor)([data[i] for i in range(2)])
-    opt = torch.optim.AdamW(train.param_groups(module, 0.0), lr=2e-3)
+    opt = torch.optim.AdamW(optimization.param_groups(module, 0.0), lr=2e-3)
     history = []
     for _ in range(20):
         loss, parts = module(batch)
@@ -200,7 +200,7 @@ def test_exact_resume(tmp_path: Path):
     assert all(p.suffix in (".json", ".safetensors") for p in ckpt.iterdir()), _files(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["micro_step"] == 2
-    assert train.latest_checkpoint(a) == a / "checkpoint-4"
+    assert checkpoint_files.latest_checkpoint(a) == a / "checkpoint-4"
     assert train.main(common + ["--output-dir", str(c), "--resume", str(ckpt)]) == 0
     wa, wc = load_file(str(a / "model.safetensors")), load_file(str(c / "model.safetensors"))
     assert wa.keys() == wc.keys()
