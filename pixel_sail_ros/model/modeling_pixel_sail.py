@@ -370,7 +370,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 grid = image_grid_hw.to(input_ids.device)
                 features = patch_position_features(index, grid[:, :1], grid[:, 1:])[rows]
                 patches = patches + self.patch_position_embed(features.to(embeds.dtype))
-            embeds = embeds.index_put(torch.nonzero(is_patch, as_tuple=True), patches, accumulate=True)
+            # under autocast the linear layers give bf16 while the embedding table stays float32
+            embeds = embeds.index_put(torch.nonzero(is_patch, as_tuple=True), patches.to(embeds.dtype), accumulate=True)
         if visual_prompt_ids is not None and self.vp_embed is not None:
             has_prompt = visual_prompt_ids >= 0
             if bool(has_prompt.any()):
@@ -378,7 +379,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 if int(k.max()) >= self.config.num_visual_prompts:
                     raise ValueError(f"visual prompt index {int(k.max())} >= {self.config.num_visual_prompts}")
                 table = self.vp_embed(self.model.embed_tokens(self._prompt_token_tensor(input_ids.device)))
-                embeds = embeds.index_put(torch.nonzero(has_prompt, as_tuple=True), table[k], accumulate=True)
+                embeds = embeds.index_put(torch.nonzero(has_prompt, as_tuple=True), table[k].to(embeds.dtype), accumulate=True)
         return embeds
 
     def _prompt_token_tensor(self, device: torch.device) -> torch.Tensor:

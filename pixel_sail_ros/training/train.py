@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--max-steps, and stop when that time is spent: for a fixed slot of GPU time")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
-    g.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="bf16 autocast (CUDA only)")
+    g.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="bf16 autocast; auto = on a CUDA device that supports it, yes = also on the CPU (faster matmuls with AVX512-BF16 / AMX)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (for 3B+; needs torchrun)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -628,8 +628,10 @@ class Trainer:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        self.use_bf16 = self.device.type == "cuda" and (
-            args.bf16 == "yes" or (args.bf16 == "auto" and torch.cuda.is_bf16_supported())
+        # bf16 autocast: by default on a CUDA device that has it; on the CPU when asked (--bf16 yes), where
+        # CPUs with AVX512-BF16 / AMX run its matmuls faster. The weights and the optimizer stay float32.
+        self.use_bf16 = args.bf16 == "yes" or (
+            args.bf16 == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
 
         self.teacher = Teacher(args, self.device) if (args.teacher_model or args.teacher_features) else None
@@ -694,6 +696,9 @@ class Trainer:
             )
 
     # -- setup helpers --
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if not self.dist.enabled:
@@ -762,7 +767,7 @@ class Trainer:
             sync = contextlib.nullcontext()
             if i < n - 1 and hasattr(self.wrapped, "no_sync"):
                 sync = self.wrapped.no_sync()
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+            amp = self._autocast()
             with sync:
                 with amp:
                     loss, parts = self.wrapped(batch, *teacher)
@@ -874,7 +879,7 @@ class Trainer:
         model = base_model(self.module.model)
         t0 = time.time()
         was_training = self.module.training
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        amp = self._autocast()
         with amp:
             if a.data == "shapesref":
                 acc, examples = ev.evaluate_shapesref_model(

@@ -159,6 +159,24 @@ def test_lr_scale_on_the_command_line_trains_the_zero_initialised_stem_faster(tm
         train.Trainer(train.build_parser().parse_args(argv + ["--lr-scale", "patch_stm=10", "--output-dir", str(tmp_path / "x")]))
 
 
+def test_bf16_autocast_on_the_cpu_trains_like_float32(tmp_path: Path):
+    """--bf16 yes on the CPU: the same first loss as float32 within bf16's precision, float32 weights saved.
+    (Patch and visual-prompt embeddings from autocast linears are bf16 while the token table is float32:
+    index_put refused the mix before; CUDA autocast follows the same rule.)"""
+    argv = TINY + ["--model-overrides", json.dumps({**TINY_OVERRIDES, "visual_prompt_pooling": True}),
+                   "--max-steps", "2", "--eval-every", "0", "--save-every", "0", "--seed", "4"]
+
+    def first_loss(mode: str) -> float:
+        out = tmp_path / mode
+        assert train.main(argv + ["--bf16", mode, "--output-dir", str(out)]) == 0
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        assert all(t.dtype == torch.float32 for t in load_file(str(out / "model.safetensors")).values())
+        return recs[0]["loss"]
+
+    full, half = first_loss("no"), first_loss("yes")
+    assert half == pytest.approx(full, rel=0.03) and half != full
+
+
 def test_overfits_a_fixed_batch():
     from pixel_sail_ros.training.data import ItemCollator, ShapesRefDataset
     from pixel_sail_ros.training.losses import LossWeights
