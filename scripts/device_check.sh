@@ -36,6 +36,7 @@ AUX_QUERY_PLACE=${AUX_QUERY_PLACE:-5.0}  # training: --aux-query-place-weight (s
 AUX_MASK_PLACE=${AUX_MASK_PLACE:-1.0}    # training: --aux-mask-place-weight (stage 8; the model needs pixel_positions)
 QUERY_PLACE_ON=${QUERY_PLACE_ON:-embedding}  # training: --aux-query-place-on (stage 8)
 P_ABSENT=${P_ABSENT:-0.4}    # training: --p-absent (stage 9)
+LR_SCALE=${LR_SCALE:-}       # training: --lr-scale, e.g. patch_stem=10 (empty: one rate for all)
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
@@ -89,7 +90,7 @@ if awk "BEGIN { exit !($TRAIN_MINUTES > 0) }"; then
         --device "$DEVICE" --seed 5 --batch-size "$BATCH" --turns-per-image 16 --lr "$LR" --warmup-steps "${WARMUP:-100}" \
         --model-overrides "$OVERRIDES" --aux-object-weight "$AUX_OBJECT" --aux-place-weight "$AUX_PLACE" \
         --aux-query-place-weight "$AUX_QUERY_PLACE" --aux-mask-place-weight "$AUX_MASK_PLACE" \
-        --aux-query-place-on "$QUERY_PLACE_ON" \
+        --aux-query-place-on "$QUERY_PLACE_ON" ${LR_SCALE:+--lr-scale "$LR_SCALE"} \
         --min-lr-ratio 0.05 --aux-weight 0.5 --p-absent "$P_ABSENT" --num-points 2048 --num-workers "$(( $(nproc) - 2 ))" \
         --max-steps "$TRAIN_STEPS" --time-budget-minutes "$TRAIN_MINUTES" --schedule-over-time --log-every 50 \
         --eval-every 0 --save-every 0 --no-progress \
