@@ -1,8 +1,8 @@
 """`pixel-sail-bench`: run a suite, print ONE JSON document on stdout, log to stderr.
 
 Suites: ``model`` (per preset/resolution latencies and efficiency), ``node`` (the node in its own process
-under a 30 Hz stream, against a plain rclpy echo), ``all`` (model + node) and ``soak`` (the node for minutes
-under a 15 Hz stream of good and bad input). Other tools parse stdout, so nothing else may be printed there.
+under a 30 Hz stream, against a plain rclpy echo), ``all`` (model + node), ``soak`` (the node for minutes
+under a 15 Hz stream of good and bad input) and ``train`` (fine-tuning throughput, float32 against bf16). Other tools parse stdout, so nothing else may be printed there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-SUITES = ("model", "node", "all", "soak")
+SUITES = ("model", "node", "all", "soak", "train")
 PRESETS = ("tiny", "0.5b", "3b")
 
 
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="auto", choices=("auto", "dynamic", "static", "graphs"),
                    help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per model entry (default: by cost)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
+                        "(default: by cost; train 12)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stream length in seconds for the node and soak suites (node default 30, quick 10)")
     p.add_argument("--minutes", type=float, default=None, help="soak length in minutes (default 10)")
@@ -68,7 +70,7 @@ def _meta(args: argparse.Namespace, started: float) -> dict[str, Any]:
     from .stats import machine_info
 
     extra: dict[str, Any] = {}
-    if args.suite in ("model", "all"):
+    if args.suite in ("model", "all", "train"):
         import torch
 
         extra["torch"] = torch.__version__
@@ -99,6 +101,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["model"] = model_bench.run(presets=_presets(args.presets), model_path=args.model_path,
                                        device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
                                        decoding=args.decoding)
+    if args.suite == "train":
+        from . import train_bench
+
+        doc["train"] = train_bench.run(model_path=args.model_path, device=args.device, quick=args.quick,
+                                       steps=args.repeats)
     if args.suite in ("node", "all", "soak"):
         from pixel_sail_ros.ros import transport
 
