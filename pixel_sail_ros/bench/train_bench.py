@@ -48,7 +48,7 @@ def time_precision(model_dir: str, device: str, precision: str, warmup: int, ste
     """Time ``steps`` optimizer steps after ``warmup`` untimed ones, on batches drawn before the clock starts."""
     with tempfile.TemporaryDirectory(prefix="pixel_sail_train_bench_") as tmp:
         trainer = _trainer(model_dir, device, precision, tmp)
-        loader = trainer._loader()
+        loader = trainer.loader()
         batches = [next(loader) for _ in range(warmup + steps)]
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
         seconds, losses = [], []

@@ -740,7 +740,8 @@ class Trainer:
             max_prompts_per_sequence=a.max_prompts_per_sequence, appearance_prob=a.appearance_aug,
         )
 
-    def _loader(self) -> Iterable[dict[str, Any]]:
+    def loader(self) -> Iterable[dict[str, Any]]:
+        """Collated batches from the current data position (this rank's share; workers if asked)."""
         a = self.args
         sampler = ResumableBatchSampler(
             len(self.dataset), a.batch_size, seed=a.seed, rank=self.dist.rank, world_size=self.dist.world,
@@ -793,7 +794,7 @@ class Trainer:
         start = time.time()
         budget = a.time_budget_minutes * 60 if a.time_budget_minutes else None
         self._install_signal_handlers()
-        loader = self._loader()
+        loader = self.loader()
         bar = None
         if self.dist.main and not a.no_progress:
             from tqdm.auto import tqdm
