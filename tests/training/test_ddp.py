@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,11 +51,16 @@ def _worker(rank: int, port: int, runs: list[list[str]], result_dir: str) -> Non
                 state = {k: v.detach().clone() for k, v in train.base_model(trainer.module.model).state_dict().items()}
                 state.pop("lm_head.weight", None)
             save_file({k: v.contiguous() for k, v in state.items()}, str(Path(result_dir) / f"run{i}_rank{rank}.safetensors"))
-        # Both ranks reach the teardown together: once in CI a rank that destroyed the group while the other was
-        # still writing its file died in gloo's teardown ("terminate called without an active exception", SIGABRT).
+        # Both ranks reach the end together, with every result on disk. Then leave without tearing gloo down: in
+        # CI a rank died in gloo's teardown after all its work was done ("terminate called without an active
+        # exception", SIGABRT), twice, once even after this barrier; the parent reads only the files.
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(runs: list[list[str]], result_dir: Path) -> list[list[dict[str, torch.Tensor]]]:
