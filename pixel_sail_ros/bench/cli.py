@@ -2,7 +2,8 @@
 
 Suites: ``model`` (per preset/resolution latencies and efficiency), ``node`` (the node in its own process
 under a 30 Hz stream, against a plain rclpy echo), ``all`` (model + node), ``soak`` (the node for minutes
-under a 15 Hz stream of good and bad input) and ``train`` (fine-tuning throughput, float32 against bf16). Other tools parse stdout, so nothing else may be printed there.
+under a 15 Hz stream of good and bad input) and ``train`` (fine-tuning throughput, float32 against bf16).
+Other tools parse stdout, so nothing else may be printed there.
 """
 
 from __future__ import annotations

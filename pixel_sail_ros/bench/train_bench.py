@@ -37,10 +37,9 @@ PRECISIONS = ("float32", "bf16-autocast")
 def _trainer(model_dir: str, device: str, precision: str, out_dir: str) -> Any:
     from pixel_sail_ros.training import train
 
+    # no --threads: the trainer then keeps the torch thread count the bench's --threads set
     argv = RECIPE + ["--init", model_dir, "--device", device, "--seed", "0", "--max-steps", "1000000",
                      "--bf16", "yes" if precision == "bf16-autocast" else "no", "--output-dir", out_dir]
-    if torch.get_num_threads():  # keep the bench's --threads: the trainer would otherwise set its own
-        argv += ["--threads", str(torch.get_num_threads())]
     return train.Trainer(train.build_parser().parse_args(argv))
 
 
