@@ -47,7 +47,7 @@ class SegmentationOutput:
     answers: list[str] = field(default_factory=list)  # the generated text of every turn, for logs
 
 
-DECODING_MODES = ("auto", "dynamic", "static", "graphs")
+DECODING_MODES = ("auto", "dynamic", "static", "compiled", "graphs")
 
 
 def resolve_decoding(decoding: str, device: torch.device) -> str:
@@ -106,7 +106,8 @@ class PixelSailEngine:
         decoding: str = "auto",
     ) -> None:
         """``decoding``: "dynamic" (a growing KV cache per answer), "static" (one fixed-size cache reused across
-        frames), "graphs" (static, each one-token step replayed from a CUDA graph: CUDA only), or "auto"
+        frames), "compiled" (static, each one-token step through ``torch.compile``: the first answers pay the
+        compilation), "graphs" (static, each one-token step replayed from a CUDA graph: CUDA only), or "auto"
         (dynamic, for now). All give the same answers; graphs are meant to remove most of the GPU's
         kernel-launch overhead, and become the CUDA default once measured on a GPU (see README "Performance")."""
         self.model = model.eval()
@@ -122,7 +123,9 @@ class PixelSailEngine:
         self.decoding = resolve_decoding(decoding, self.device)
         self._static: StaticDecoding | None = None
         if self.decoding != "dynamic":
-            self._static = StaticDecoding(self.model, use_graphs=self.decoding == "graphs")
+            self._static = StaticDecoding(
+                self.model, use_graphs=self.decoding == "graphs", compile_steps=self.decoding == "compiled"
+            )
 
     @classmethod
     def from_pretrained(

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype (default: auto = bf16 on CUDA, float32 on the CPU)")
-    p.add_argument("--decoding", default="auto", choices=("auto", "dynamic", "static", "graphs"),
+    p.add_argument("--decoding", default="auto", choices=("auto", "dynamic", "static", "compiled", "graphs"),
                    help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,

@@ -214,7 +214,8 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
     """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory."""
     dev, dtype, config = subject.device, subject.dtype, subject.config
     mode = resolve_decoding(decoding, dev)
-    static = StaticDecoding(subject.model, use_graphs=mode == "graphs") if mode != "dynamic" else None
+    static = (StaticDecoding(subject.model, use_graphs=mode == "graphs", compile_steps=mode == "compiled")
+              if mode != "dynamic" else None)
     sync = _sync(dev)
     rgb = bench_image(width, height)
     grid = subject.processor.grid_size(height, width)

@@ -621,11 +621,13 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         attention_mask: torch.Tensor,
         cache: Cache,
         visual_prompt_features: torch.Tensor | None = None,
+        step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``text_step`` on text tokens from position id ``position`` on: (hidden (q, C), last logits (V,))."""
+        """``text_step`` (or ``step``, a compiled one) on text tokens from position id ``position`` on:
+        (hidden (q, C), last logits (V,))."""
         device = self.lm_head.weight.device
         q = len(token_ids)
-        hidden, logits = self.text_step(
+        hidden, logits = (step or self.text_step)(
             torch.tensor([token_ids], device=device), _text_positions(1, q, position, device), attention_mask, cache,
             visual_prompt_features,
         )

@@ -8,7 +8,9 @@ Each prefill refills the cache from position 0 and each answer rewinds it to the
 the current position are stale but masked out, so nothing is copied between turns.
 
 Without CUDA (or with ``use_graphs=False``) the same static-cache steps run eagerly, which is how the CPU tests
-check this path against :class:`~transformers.DynamicCache` decoding.
+check this path against :class:`~transformers.DynamicCache` decoding. With ``compile_steps`` the one-token step goes
+through ``torch.compile`` instead (on any device): its shapes never change, so it compiles once (twice with visual
+prompts) and then skips most of the per-operator Python and dispatch work that dominates a small model's decoding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class StaticDecoding:
         use_graphs: capture the one-token step as a CUDA graph (None: when the model is on CUDA).
         granularity: the cache length is rounded up to a multiple of this, so nearby image sizes share one cache
             (and one graph).
+        compile_steps: run the one-token step through ``torch.compile`` (not with ``use_graphs``). The first
+            answers pay the compilation (tens of seconds on a small CPU); multi-token chunks (the question) stay eager.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class StaticDecoding:
         reserve: int = 512,
         use_graphs: bool | None = None,
         granularity: int = 256,
+        compile_steps: bool = False,
     ):
         self.model = model
         self.reserve = int(reserve)
@@ -57,6 +62,11 @@ class StaticDecoding:
         # (zeros when a request has no prompts: adding zeros changes nothing), so one graph serves every request.
         self._with_prompts = bool(model.config.pools_visual_prompts)
         self._buffers: dict[str, torch.Tensor] = {}
+        if compile_steps and self.use_graphs:
+            raise ValueError("compile_steps and use_graphs are two ways to speed up the same step: pick one")
+        # dynamic=False: every one-token step has the same shapes, so there is nothing to generalise over
+        self._compiled_step = torch.compile(model.text_step, dynamic=False) if compile_steps else None
+        self.compiled_steps = 0  # how many steps ran compiled (tests and benchmarks read it)
 
     # ---- the cache -------------------------------------------------------------------------------------
 
@@ -99,8 +109,12 @@ class StaticDecoding:
         """
         if len(token_ids) == 1 and self.use_graphs:
             return self._replay(token_ids[0], past, position, visual_prompt_features)
+        step = None
+        if len(token_ids) == 1 and self._compiled_step is not None:
+            step = self._compiled_step
+            self.compiled_steps += 1
         mask = self.mask(len(token_ids), past)
-        return self.model.decode_tokens(token_ids, position, mask, self.cache, visual_prompt_features)
+        return self.model.decode_tokens(token_ids, position, mask, self.cache, visual_prompt_features, step=step)
 
     def _replay(
         self, token_id: int, past: int, position: int, visual_prompt_features: torch.Tensor | None

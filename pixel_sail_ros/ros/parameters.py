@@ -25,9 +25,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N. auto = CUDA when available, else CPU (logged).", read_only=True),
     ParamSpec("dtype", "auto", "auto | float32 | bfloat16 | float16. auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU.",
               choices=("auto", "float32", "bfloat16", "float16"), read_only=True),
-    ParamSpec("decoding", "auto", "How answers decode: auto (= dynamic) | dynamic | static | graphs. graphs replays each "
-              "decoded token from a CUDA graph over a fixed-size KV cache (CUDA only; not yet measured, README "
-              "Performance).", choices=("auto", "dynamic", "static", "graphs"), read_only=True),
+    ParamSpec("decoding", "auto", "How answers decode: auto (= dynamic) | dynamic | static | compiled | graphs. "
+              "compiled runs each decoded token through torch.compile over a fixed-size KV cache (the first frames "
+              "pay the compilation); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
+              "Performance).", choices=("auto", "dynamic", "static", "compiled", "graphs"), read_only=True),
     ParamSpec("num_threads", 0, "CPU threads for the model (torch intra-op); 0 = torch's default. On a loaded CPU, "
               "fewer threads than cores avoids oversubscription.", min_value=0, max_value=1024, read_only=True),
     ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),

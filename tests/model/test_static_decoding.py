@@ -88,3 +88,17 @@ def test_decoding_modes_are_checked():
         PixelSailEngine.from_pretrained(None, device="cpu", decoding="fast")
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         PixelSailEngine.from_pretrained(None, device="cpu", decoding="graphs")
+
+
+@pytest.mark.slow
+def test_compiled_steps_answer_and_segment_like_dynamic_decoding(engines):
+    """decoding="compiled": the one-token steps really go through torch.compile and change no answer."""
+    dynamic, _ = engines
+    compiled = PixelSailEngine(dynamic.model, dynamic.processor, decoding="compiled")
+    for image, request in _requests(2):
+        a, b = dynamic.segment(image, **request), compiled.segment(image, **request)
+        assert a.answers == b.answers and a.labels == b.labels and a.description == b.description
+        assert a.masks.shape == b.masks.shape and (a.masks == b.masks).mean() > 0.999
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    # every answer has at least one one-token step after its question chunk
+    assert compiled._static.compiled_steps >= 2 * 5
