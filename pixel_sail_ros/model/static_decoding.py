@@ -31,7 +31,8 @@ class StaticDecoding:
         model: the model whose decoder fills the cache.
         reserve: cache slots kept beyond each prefix for the question and the answer; a turn that needs more
             is decoded with a dynamic cache instead (see ``PixelSailForConditionalGeneration.generate_answer``).
-        use_graphs: capture the one-token step as a CUDA graph (None: when the model is on CUDA).
+        use_graphs: capture the one-token step as a CUDA graph (None: when the model is on CUDA and
+            ``compile_steps`` is off).
         granularity: the cache length is rounded up to a multiple of this, so nearby image sizes share one cache
             (and one graph).
         compile_steps: run the one-token step through ``torch.compile`` (not with ``use_graphs``). The first
@@ -50,7 +51,8 @@ class StaticDecoding:
         self.reserve = int(reserve)
         self.granularity = int(granularity)
         self.device = model.lm_head.weight.device
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else bool(use_graphs)
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = (on_cuda and not compile_steps) if use_graphs is None else bool(use_graphs)
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.cache: StaticCache | None = None
