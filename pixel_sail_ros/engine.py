@@ -60,6 +60,13 @@ def resolve_decoding(decoding: str, device: torch.device) -> str:
     return "dynamic" if decoding == "auto" else decoding
 
 
+def static_decoding_for(model: PixelSailForConditionalGeneration, mode: str) -> StaticDecoding | None:
+    """The reusable static cache a resolved decoding ``mode`` decodes over (None for "dynamic")."""
+    if mode == "dynamic":
+        return None
+    return StaticDecoding(model, use_graphs=mode == "graphs", compile_steps=mode == "compiled")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """"auto" → the first CUDA GPU if there is one, else the CPU; "cuda[:N]" must exist."""
     name = str(device)
@@ -121,11 +128,7 @@ class PixelSailEngine:
         self._question_ids: OrderedDict[str, list[int]] = OrderedDict()
         self._prefix_statics: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self.decoding = resolve_decoding(decoding, self.device)
-        self._static: StaticDecoding | None = None
-        if self.decoding != "dynamic":
-            self._static = StaticDecoding(
-                self.model, use_graphs=self.decoding == "graphs", compile_steps=self.decoding == "compiled"
-            )
+        self._static = static_decoding_for(self.model, self.decoding)
 
     @classmethod
     def from_pretrained(

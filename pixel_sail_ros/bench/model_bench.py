@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixel_sail_ros.engine import PixelSailEngine, resolve_decoding
+from pixel_sail_ros.engine import PixelSailEngine, resolve_decoding, static_decoding_for
 from pixel_sail_ros.model.static_decoding import StaticDecoding
 
 from . import flops
@@ -214,8 +214,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
     """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory."""
     dev, dtype, config = subject.device, subject.dtype, subject.config
     mode = resolve_decoding(decoding, dev)
-    static = (StaticDecoding(subject.model, use_graphs=mode == "graphs", compile_steps=mode == "compiled")
-              if mode != "dynamic" else None)
+    static = static_decoding_for(subject.model, mode)
     sync = _sync(dev)
     rgb = bench_image(width, height)
     grid = subject.processor.grid_size(height, width)

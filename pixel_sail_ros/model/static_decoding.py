@@ -53,8 +53,10 @@ class StaticDecoding:
         self.device = model.lm_head.weight.device
         on_cuda = self.device.type == "cuda"
         self.use_graphs = (on_cuda and not compile_steps) if use_graphs is None else bool(use_graphs)
-        if self.use_graphs and self.device.type != "cuda":
+        if self.use_graphs and not on_cuda:
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        if compile_steps and self.use_graphs:
+            raise ValueError("compile_steps and use_graphs are two ways to speed up the same step: pick one")
         self.cache: StaticCache | None = None
         self.max_len = 0
         self.graph_replays = 0  # how many steps were replayed from the graph (tests and benchmarks read it)
@@ -64,8 +66,6 @@ class StaticDecoding:
         # (zeros when a request has no prompts: adding zeros changes nothing), so one graph serves every request.
         self._with_prompts = bool(model.config.pools_visual_prompts)
         self._buffers: dict[str, torch.Tensor] = {}
-        if compile_steps and self.use_graphs:
-            raise ValueError("compile_steps and use_graphs are two ways to speed up the same step: pick one")
         # dynamic=False: every one-token step has the same shapes, so there is nothing to generalise over
         self._compiled_step = torch.compile(model.text_step, dynamic=False) if compile_steps else None
         self.compiled_steps = 0  # how many steps ran compiled (tests and benchmarks read it)
