@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--probe-warmup-steps", type=int, default=0,
+                   help="before training, this many steps that train only the training-only probes (model frozen, "
+                   "constant --lr): a continuation from a plain model directory, whose probes start fresh, then does "
+                   "not push the model along random probe gradients; single process only")
 
     g = p.add_argument_group("losses")
     g.add_argument("--num-points", type=int, default=12544, help="sampled points per mask for BCE/Dice (0 = dense on the logit grid)")
@@ -791,6 +795,8 @@ class Trainer:
 
     def run(self) -> Path:
         a = self.args
+        if a.probe_warmup_steps > 0 and self.step == 0:
+            self.warm_up_probes(a.probe_warmup_steps)
         start = time.time()
         budget = a.time_budget_minutes * 60 if a.time_budget_minutes else None
         self._install_signal_handlers()
@@ -848,6 +854,41 @@ class Trainer:
         final = self.save_final()
         self.dist.close()
         return final
+
+    def warm_up_probes(self, steps: int) -> None:
+        """Train only the probes (the parts outside the model) for ``steps`` steps, the model frozen.
+
+        Fresh probes' first gradients into the model are random directions; a trained model continued from a plain
+        directory (no saved probes) lost much of its quality to them (model card, stage 9). Own AdamW at constant
+        --lr, so the main run's optimizer and schedule start as without it.
+        """
+        if self.dist.enabled:
+            raise SystemExit("--probe-warmup-steps runs in a single process (each rank would train its own probes)")
+        probes = [p for n, p in self.module.named_parameters() if not n.startswith("model.") and p.requires_grad]
+        if not probes:
+            _log("--probe-warmup-steps: this run has no probes; skipped")
+            return
+        flags = {n: p.requires_grad for n, p in self.module.model.named_parameters()}
+        self.module.model.requires_grad_(False)
+        opt = torch.optim.AdamW(probes, lr=self.args.lr, weight_decay=self.args.weight_decay)
+        loader = self.loader()
+        t0, window = time.time(), []
+        try:
+            for i in range(1, steps + 1):
+                batch = batch_to_device(next(loader), self.device)
+                with self._autocast():
+                    loss, _ = self.module(batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                window.append(float(loss.detach()))
+                if i % self.args.log_every == 0 or i == steps:
+                    self._record({"type": "probe_warmup", "step": i, "loss": sum(window) / len(window),
+                                  "elapsed_s": time.time() - t0})
+                    window = []
+        finally:
+            for n, p in self.module.model.named_parameters():
+                p.requires_grad_(flags[n])
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):  # noqa: ARG001

@@ -261,6 +261,27 @@ def test_init_from_a_training_checkpoint_warm_starts_the_probes_with_a_fresh_opt
     assert not all(torch.equal(cold[k], saved[k]) for k in saved)
 
 
+def test_probe_warmup_trains_only_the_probes_and_leaves_the_main_optimizer_fresh(tmp_path: Path):
+    init = make_tiny_checkpoint(tmp_path / "init")
+    probes = ["--aux-weight", "1", "--aux-object-weight", "1", "--aux-place-weight", "1", "--eval-every", "0"]
+    argv = TINY + probes + ["--model-overrides", "{}", "--max-steps", "2", "--init", str(init),
+                            "--probe-warmup-steps", "3", "--output-dir", str(tmp_path / "out")]
+    trainer = train.Trainer(train.build_parser().parse_args(argv))
+    before = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+    grad_flags = {n: p.requires_grad for n, p in trainer.module.named_parameters()}
+    trainer.warm_up_probes(3)
+    after = dict(trainer.module.named_parameters())
+    model_names = [n for n in before if n.startswith("model.")]
+    probe_names = [n for n in before if not n.startswith("model.")]
+    assert model_names and probe_names
+    assert all(torch.equal(after[n], before[n]) for n in model_names)  # the model stayed frozen
+    assert any(not torch.equal(after[n], before[n]) for n in probe_names)  # the probes learned
+    assert {n: p.requires_grad for n, p in after.items()} == grad_flags  # and the model trains again afterwards
+    assert trainer.step == 0 and not trainer.optimizer.state
+    warm = [r for r in trainer.history if r["type"] == "probe_warmup"]
+    assert [r["step"] for r in warm] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in warm)
+
+
 def test_outputs_eval_plots_time_budget_and_engine_load(tmp_path: Path):
     out = tmp_path / "run"
     args = TINY + ["--max-steps", "50", "--eval-every", "1", "--eval-samples", "4", "--save-every", "0",
