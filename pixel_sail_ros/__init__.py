@@ -15,3 +15,7 @@ __version__ = "0.1.0"
 
 # The bundled default checkpoint (a plain path, so light tools can find it without importing torch).
 BUNDLED_CHECKPOINT = _Path(__file__).resolve().parent / "checkpoints" / "shapesref_tiny"
+
+# The engine's choices, here so the node's parameter table and the bench CLI offer them without importing torch.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+DECODING_MODES = ("auto", "dynamic", "static", "compiled", "graphs")

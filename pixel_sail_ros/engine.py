@@ -29,7 +29,7 @@ from .model.processing_pixel_sail import (
     vp_seg_question,
 )
 
-from pixel_sail_ros import BUNDLED_CHECKPOINT  # noqa: E402 (one definition, shared with the light tools)
+from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES  # noqa: E402 (one definition, shared with the light tools)
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,9 +45,6 @@ class SegmentationOutput:
     description: str = ""
     seconds: float = 0.0
     answers: list[str] = field(default_factory=list)  # the generated text of every turn, for logs
-
-
-DECODING_MODES = ("auto", "dynamic", "static", "compiled", "graphs")
 
 
 def resolve_decoding(decoding: str, device: torch.device) -> str:

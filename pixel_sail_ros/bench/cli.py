@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from pixel_sail_ros import DECODING_MODES, DTYPE_NAMES
+
 SUITES = ("model", "node", "all", "soak", "train")
 PRESETS = ("tiny", "0.5b", "3b")
 
@@ -36,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="tiny,0.5b",
                    help="comma-separated model presets for the model suite (default: tiny,0.5b)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="dtype (default: auto = bf16 on CUDA, float32 on the CPU)")
-    p.add_argument("--decoding", default="auto", choices=("auto", "dynamic", "static", "compiled", "graphs"),
+    p.add_argument("--decoding", default="auto", choices=DECODING_MODES,
                    help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,

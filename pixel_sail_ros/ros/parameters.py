@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from pixel_sail_ros import DECODING_MODES, DTYPE_NAMES
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -24,11 +26,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "", "Checkpoint directory; empty = the bundled default model (ShapesRef tiny).", read_only=True),
     ParamSpec("device", "auto", "auto | cpu | cuda | cuda:N. auto = CUDA when available, else CPU (logged).", read_only=True),
     ParamSpec("dtype", "auto", "auto | float32 | bfloat16 | float16. auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU.",
-              choices=("auto", "float32", "bfloat16", "float16"), read_only=True),
+              choices=DTYPE_NAMES, read_only=True),
     ParamSpec("decoding", "auto", "How answers decode: auto (= dynamic) | dynamic | static | compiled | graphs. "
               "compiled runs each decoded token through torch.compile over a fixed-size KV cache (the first frames "
               "pay the compilation); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
-              "Performance).", choices=("auto", "dynamic", "static", "compiled", "graphs"), read_only=True),
+              "Performance).", choices=DECODING_MODES, read_only=True),
     ParamSpec("num_threads", 0, "CPU threads for the model (torch intra-op); 0 = torch's default. On a loaded CPU, "
               "fewer threads than cores avoids oversubscription.", min_value=0, max_value=1024, read_only=True),
     ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),
