@@ -1128,6 +1128,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"loss weights must be >= 0: {', '.join('--' + k.replace('_', '-') for k in negative)}")
     if args.data is None and args.manifest is None and not args.max_steps:
         raise SystemExit("--max-steps is required with ShapesRef (it is endless)")
+    if args.probe_warmup_steps < 0:
+        raise SystemExit("--probe-warmup-steps must be >= 0")
     if args.schedule_over_time and not args.time_budget_minutes:
         raise SystemExit("--schedule-over-time needs --time-budget-minutes (the time the schedule runs over)")
     trainer = Trainer(args)

@@ -280,6 +280,8 @@ def test_probe_warmup_trains_only_the_probes_and_leaves_the_main_optimizer_fresh
     assert trainer.step == 0 and not trainer.optimizer.state
     warm = [r for r in trainer.history if r["type"] == "probe_warmup"]
     assert [r["step"] for r in warm] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in warm)
+    with pytest.raises(SystemExit, match="probe-warmup-steps"):
+        train.main(argv[:-4] + ["--probe-warmup-steps", "-1", "--output-dir", str(tmp_path / "neg")])
 
 
 def test_outputs_eval_plots_time_budget_and_engine_load(tmp_path: Path):
