@@ -29,10 +29,10 @@ from .model.processing_pixel_sail import (
     vp_seg_question,
 )
 
-from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES  # noqa: E402 (one definition, shared with the light tools)
+from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES, DTYPE_NAMES  # noqa: E402 (one definition, shared with the light tools)
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}  # the names are torch's own
 
 
 @dataclass
