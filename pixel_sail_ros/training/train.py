@@ -864,7 +864,7 @@ class Trainer:
         """
         if self.dist.enabled:
             raise SystemExit("--probe-warmup-steps runs in a single process (each rank would train its own probes)")
-        probes = [p for n, p in self.module.named_parameters() if not n.startswith("model.") and p.requires_grad]
+        probes = [p for p in self._probe_parameters().values() if p.requires_grad]
         if not probes:
             _log("--probe-warmup-steps: this run has no probes; skipped")
             return
@@ -1033,6 +1033,10 @@ class Trainer:
         for d in ckpts[:-limit]:
             shutil.rmtree(d, ignore_errors=True)
 
+    def _probe_parameters(self) -> dict[str, nn.Parameter]:
+        """The training-only probes: every parameter of the train module outside the model itself."""
+        return {n: p for n, p in self.module.named_parameters() if not n.startswith("model.")}
+
     def _warm_start_probes(self, ckpt: Path) -> None:
         """Load the training-only probes a checkpoint-N folder saved, so a continuation does not restart them.
 
@@ -1042,7 +1046,7 @@ class Trainer:
         extra = ckpt / EXTRA_FILE
         if not extra.is_file():
             return
-        own = {n: p for n, p in self.module.named_parameters() if not n.startswith("model.")}
+        own = self._probe_parameters()
         saved = {k: v for k, v in load_file(str(extra)).items() if not k.startswith("model.")}
         taken = [k for k, v in saved.items() if k in own and own[k].shape == v.shape]
         with torch.no_grad():
