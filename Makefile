@@ -36,15 +36,27 @@ setup: $(VENV)/.stamp build
 IFACES := $(wildcard msg/*.msg srv/*.srv) CMakeLists.txt package.xml $(wildcard scripts/*) $(wildcard launch/*) $(wildcard config/*)
 PYSRC := $(shell find pixel_sail_ros -type f -not -name '*.pyc' -not -path '*/__pycache__/*' 2>/dev/null)
 
-$(INSTALL)/.stamp: $(VENV)/.stamp $(IFACES) $(PYSRC)
+# One ament_cmake package, configured from $(1), built in $(2) and installed into install/.
+define cmake_package
+	export VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH AMENT_PREFIX_PATH=$(INSTALL):$(VENV) CMAKE_PREFIX_PATH=$(INSTALL):$(VENV) && \
+	cmake -S $(1) -B $(2) -DCMAKE_INSTALL_PREFIX=$(INSTALL) -DPython3_EXECUTABLE=$(VPY) \
+	  -DPIXEL_SAIL_FIX_PY_INCLUDES=ON -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release >$(2).log 2>&1 || { cat $(2).log; exit 1; } && \
+	cmake --build $(2) -j2 >>$(2).log 2>&1 || { tail -50 $(2).log; exit 1; } && \
+	cmake --install $(2) >>$(2).log 2>&1 || { tail -50 $(2).log; exit 1; }
+endef
+
+# tf2_msgs (TFMessage, for the node's target_frame): the registry wheels lack it; see ros_deps/README.md.
+TF2_MSGS := $(wildcard ros_deps/tf2_msgs/msg/*.msg) ros_deps/tf2_msgs/CMakeLists.txt ros_deps/tf2_msgs/package.xml
+$(INSTALL)/.tf2_msgs.stamp: $(VENV)/.stamp $(TF2_MSGS)
+	mkdir -p $(ROOT)/build
+	$(call cmake_package,$(ROOT)/ros_deps/tf2_msgs,$(ROOT)/build/tf2_msgs)
+	@touch $@
+
+$(INSTALL)/.stamp: $(VENV)/.stamp $(INSTALL)/.tf2_msgs.stamp $(IFACES) $(PYSRC)
 	@# CMake refuses exported include paths inside the source dir, and .venv (with numpy's headers) is
 	@# inside this checkout: configure from a staging dir of symlinks instead of the checkout itself.
 	rm -rf $(STAGE) && mkdir -p $(STAGE) && for f in $(STAGED); do ln -s $(ROOT)/$$f $(STAGE)/$$f; done
-	export VIRTUAL_ENV=$(VENV) PATH=$(VENV)/bin:$$PATH AMENT_PREFIX_PATH=$(VENV) CMAKE_PREFIX_PATH=$(VENV) && \
-	cmake -S $(STAGE) -B $(BUILD) -DCMAKE_INSTALL_PREFIX=$(INSTALL) -DPython3_EXECUTABLE=$(VPY) \
-	  -DPIXEL_SAIL_FIX_PY_INCLUDES=ON -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=Release >$(ROOT)/build/cmake.log 2>&1 || { cat $(ROOT)/build/cmake.log; exit 1; } && \
-	cmake --build $(BUILD) -j2 >>$(ROOT)/build/cmake.log 2>&1 || { tail -50 $(ROOT)/build/cmake.log; exit 1; } && \
-	cmake --install $(BUILD) >>$(ROOT)/build/cmake.log 2>&1 || { tail -50 $(ROOT)/build/cmake.log; exit 1; }
+	$(call cmake_package,$(STAGE),$(BUILD))
 	@touch $@
 
 build: $(INSTALL)/.stamp
