@@ -33,6 +33,9 @@ def generate_launch_description() -> LaunchDescription:
                               description="QoS of the camera subscription; must match the driver"),
         DeclareLaunchArgument("use_depth", default_value="false", choices=["true", "false"],
                               description="Subscribe to depth + camera_info and publish 3D outputs"),
+        DeclareLaunchArgument("target_frame", default_value="",
+                              description="Frame for markers and object_cloud, from TF at the image's stamp "
+                                          "(e.g. base_link); empty = the camera's optical frame"),
         DeclareLaunchArgument("use_compressed", default_value="false", choices=["true", "false"],
                               description="Subscribe to <image>/compressed instead of <image>"),
         DeclareLaunchArgument("image", default_value="/camera/color/image_raw", description="Colour image topic"),
@@ -56,6 +59,7 @@ def generate_launch_description() -> LaunchDescription:
                 "image_qos": arg("image_qos"),
                 "use_depth": ParameterValue(arg("use_depth"), value_type=bool),
                 "use_compressed": ParameterValue(arg("use_compressed"), value_type=bool),
+                "target_frame": ParameterValue(arg("target_frame"), value_type=str),
             },
         ],
         remappings=[

@@ -28,7 +28,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, DurabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import String
+from std_msgs.msg import Header, String
 
 try:  # Jazzy and newer
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -41,6 +41,7 @@ from pixel_sail_ros.srv import Segment
 from . import conversions, image_conversion, point_cloud, visualization
 from .parameters import PARAMETERS, ParamSpec
 from .scheduling import ClickRequest, Frame, RollingStats, SequenceGaps, StampedBuffer, WorkQueue
+from .transforms import TransformBuffer, TransformError
 
 NODE_NAME = "pixel_sail"
 
@@ -129,6 +130,7 @@ class PixelSailNode(LifecycleNode):
         self._depth = StampedBuffer[Any](size=15)
         self._transport_gaps = SequenceGaps()
         self._camera_info: Optional[CameraInfo] = None
+        self._tf = TransformBuffer()
         self._throttle = ThrottledLogger(self.get_logger())
         self._latency = RollingStats()
         self._engine_time = RollingStats()
@@ -166,6 +168,14 @@ class PixelSailNode(LifecycleNode):
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.p("target_frame") and not self.p("use_depth"):
+            log_warning(self.get_logger(), "target_frame is set but use_depth is false: there are no 3D outputs to move")
+        if self.p("target_frame") and self.p("use_depth"):
+            try:
+                import tf2_msgs.msg  # noqa: F401 - a missing package fails configure, not the first frame
+            except ImportError as exc:
+                self.get_logger().error(f"configure failed: target_frame needs the tf2_msgs package ({exc})")
+                return TransitionCallbackReturn.FAILURE
         try:
             self._load_engine()
         except Exception as exc:  # a bad path, corrupt checkpoint or bad device must not crash the process
@@ -302,7 +312,22 @@ class PixelSailNode(LifecycleNode):
                                          event_callbacks=self._qos_warning("depth")),
                 self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=grp),
             ]
+            if self.p("target_frame"):
+                self._subs += self._tf_subscriptions()
         self._service = self.create_service(Segment, "segment", self._on_segment, callback_group=self._cb_service)
+
+    def _tf_subscriptions(self) -> list[Any]:
+        """/tf and /tf_static (absolute, as tf2 listeners use them), with tf2's QoS, in their own callback group so
+        transforms keep arriving while the worker waits for one."""
+        from tf2_msgs.msg import TFMessage
+
+        grp = MutuallyExclusiveCallbackGroup()
+        dynamic = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE)
+        static = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        return [self.create_subscription(TFMessage, "/tf", self._on_tf, dynamic, callback_group=grp),
+                self.create_subscription(TFMessage, "/tf_static", self._on_tf_static, static, callback_group=grp)]
 
     def _destroy_inputs(self) -> None:
         for sub in self._subs:
@@ -397,6 +422,25 @@ class PixelSailNode(LifecycleNode):
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
 
+    @guarded
+    def _on_tf(self, msg: Any) -> None:
+        self._add_transforms(msg, static=False)
+
+    @guarded
+    def _on_tf_static(self, msg: Any) -> None:
+        self._add_transforms(msg, static=True)
+
+    def _add_transforms(self, msg: Any, static: bool) -> None:
+        for t in msg.transforms:
+            tr, q = t.transform.translation, t.transform.rotation
+            try:
+                self._tf.add(t.header.frame_id, t.child_frame_id, stamp_seconds(t.header), (tr.x, tr.y, tr.z),
+                             (q.x, q.y, q.z, q.w), static=static)
+            except ValueError as exc:
+                topic = "/tf_static" if static else "/tf"
+                self._count_error("tf-input", f"ignored a transform on {topic} ('{t.header.frame_id}' -> "
+                                              f"'{t.child_frame_id}'): {exc}")
+
     def _check_input_alive(self) -> None:
         if self._queue.frames.received == 0 and self._subs:
             topic = self.resolve_topic_name(self._image_topic())
@@ -475,13 +519,13 @@ class PixelSailNode(LifecycleNode):
         """Run the model on one frame and publish every output; returns the SegmentationResult."""
         out = self._infer(frame.rgb, text, points, boxes, describe)
         depth = frame.depth if frame.depth is not None else self._paired_depth(frame)  # it may have come late
-        positions, num_points, clouds = self._lift_3d(frame, depth, out.masks)
+        positions, num_points, cloud = self._lift_3d(frame, depth, out.masks)
         result = conversions.build_segmentation_result(
             header=frame.header, prompt=text, points=points, description=out.description,
             masks=out.masks, scores=out.scores, labels=out.labels, positions=positions,
             inference_seconds=out.seconds, answer=" | ".join(out.answers), num_points=num_points,
         )
-        self._publish(frame, result, out, positions, clouds)
+        self._publish(frame, result, out, *self._in_target_frame(frame, positions, cloud))
         self.results += 1
         self._latency.add(time.monotonic() - frame.received)
         self._engine_time.add(out.seconds)
@@ -521,8 +565,32 @@ class PixelSailNode(LifecycleNode):
             cloud = point_cloud.deproject(depth, K, union)
         return positions, num_points, cloud
 
-    def _publish(self, frame: Frame, result: SegmentationResult, out: Any, positions: Optional[list],
-                 cloud: Optional[np.ndarray]) -> None:
+    def _in_target_frame(self, frame: Frame, positions: Optional[list], cloud: Optional[np.ndarray]
+                         ) -> tuple[Header, Optional[list], Optional[np.ndarray], np.ndarray]:
+        """(header, positions, cloud, up direction) for markers and object_cloud: the image's own frame, or with
+        target_frame set, moved into it with TF at the image's stamp (never the latest transform: a camera on an
+        arm moves). Without the transform within tf_timeout_s, both are published empty and the error counted."""
+        up = np.array([0.0, -1.0, 0.0])  # -y is up in an optical frame
+        target = self.p("target_frame")
+        if not target or "markers" not in self._pubs:
+            return frame.header, positions, cloud, up
+        header = Header(stamp=frame.header.stamp, frame_id=target)
+        if positions is None:
+            return header, None, None, up
+        source, stamp = frame.header.frame_id, stamp_seconds(frame.header)
+        try:
+            if not source:
+                raise TransformError("the image header has no frame_id")
+            tf = self._tf.wait_for(target, source, stamp, self.p("tf_timeout_s"))
+        except TransformError as exc:
+            self._count_error("tf", f"markers and object_cloud in '{target}' skipped for the frame at {stamp:.3f}: "
+                                    f"no transform from '{source}' within tf_timeout_s={self.p('tf_timeout_s')}: {exc}")
+            return header, None, None, up
+        moved = [None if p is None else tf.apply(np.asarray(p, dtype=np.float64)) for p in positions]
+        return header, moved, (tf.apply(cloud) if cloud is not None else None), tf.rotation @ up
+
+    def _publish(self, frame: Frame, result: SegmentationResult, out: Any, header_3d: Header,
+                 positions: Optional[list], cloud: Optional[np.ndarray], up: np.ndarray) -> None:
         pubs = self._pubs
         pubs["segmentation"].publish(result)
         label = visualization.label_image(out.masks, frame.rgb.shape[:2], scores=out.scores)
@@ -536,10 +604,10 @@ class PixelSailNode(LifecycleNode):
         # or no depth for this frame): an RViz display or a planner never keeps a stale object.
         if "markers" in pubs:
             shown = positions if positions is not None else [None] * len(out.labels)
-            pubs["markers"].publish(visualization.make_markers(frame.header, shown, out.labels, ns=NODE_NAME))
+            pubs["markers"].publish(visualization.make_markers(header_3d, shown, out.labels, ns=NODE_NAME, up=up))
         if "object_cloud" in pubs:
             points = cloud if cloud is not None else np.zeros((0, 3), np.float32)
-            pubs["object_cloud"].publish(point_cloud.make_point_cloud2(points, frame.header))
+            pubs["object_cloud"].publish(point_cloud.make_point_cloud2(points, header_3d))
 
     # ------------------------------------------------------------------ service
     def _on_segment(self, req: Segment.Request, resp: Segment.Response) -> Segment.Response:
@@ -608,6 +676,9 @@ class PixelSailNode(LifecycleNode):
             "engine_ms_p50": round(1000 * self._engine_time.percentile(50), 2),
             "prompt": self._prompt,
         }
+        if self.p("target_frame"):
+            values["target_frame"] = self.p("target_frame")
+            values["tf_frames_known"] = len(self._tf.frames())
         st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = self.get_clock().now().to_msg()

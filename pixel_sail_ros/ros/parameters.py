@@ -47,6 +47,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("use_depth", False, "Subscribe to depth + camera_info (aligned to image) and publish 3D outputs.", read_only=True),
     ParamSpec("depth_tolerance_s", 0.02, "Largest |stamp difference| between a colour frame and its depth frame.",
               min_value=0.0, max_value=1.0),
+    ParamSpec("target_frame", "", "Frame for markers and object_cloud (e.g. base_link), from /tf and /tf_static at the "
+              "image's stamp; empty = the image's own (optical) frame. SegmentedObject.position stays in the image's frame.",
+              read_only=True),
+    ParamSpec("tf_timeout_s", 0.1, "How long a result waits for /tf to reach the image's stamp before its markers and "
+              "cloud are skipped (counted as an error).", min_value=0.0, max_value=10.0),
     ParamSpec("min_depth_points", 20, "Fewest valid depth pixels under a mask for a 3D position.", min_value=1, max_value=1 << 20),
     ParamSpec("image_qos", "sensor_data", "sensor_data (best effort, newest only) | reliable. Must match the camera driver.",
               choices=("sensor_data", "reliable"), read_only=True),

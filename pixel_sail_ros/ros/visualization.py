@@ -154,12 +154,13 @@ def overlay(rgb: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], labels: S
 
 def make_markers(header: Header, positions: Sequence[Sequence[float] | None], labels: Sequence[str],
                  ns: str = "pixel_sail", *, sphere_diameter: float = 0.05,
-                 text_height: float = 0.04) -> MarkerArray:
+                 text_height: float = 0.04, up: Sequence[float] = (0.0, -1.0, 0.0)) -> MarkerArray:
     """A MarkerArray: DELETEALL first, then per object with a position a sphere (id 2i) and a label (id 2i+1).
 
     DELETEALL + lifetime 0 ("until replaced") makes each result replace the previous one exactly: no stale
     markers from earlier frames and no blinking between results (yolo_ros #54, ros_anchors.md §8).
-    Objects whose position is None get no markers. Labels float above the sphere: -y is up in the optical frame.
+    Objects whose position is None get no markers. Labels float above the sphere, along ``up`` (a unit vector;
+    the default, -y, is up in an optical frame).
     """
     if len(labels) != len(positions):
         raise ValueError(f"{len(labels)} labels for {len(positions)} positions")
@@ -182,8 +183,8 @@ def make_markers(header: Header, positions: Sequence[Sequence[float] | None], la
         text = Marker(header=header, ns=ns, id=2 * i + 1, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
                       lifetime=forever, text=str(label),
                       color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0))
-        text.pose.position.x, text.pose.position.y = x, y - sphere_diameter - text_height
-        text.pose.position.z = z
+        lift = (sphere_diameter + text_height) * np.asarray(up, dtype=np.float64)
+        text.pose.position.x, text.pose.position.y, text.pose.position.z = (float(v) for v in (x, y, z) + lift)
         text.pose.orientation.w = 1.0
         text.scale.z = float(text_height)
         out.markers.append(sphere)

@@ -87,7 +87,7 @@ def test_launch_files_set_only_declared_parameters(path: Path) -> None:
 
 def test_launch_argument_defaults_match_node_defaults() -> None:
     defaults = _launch_arg_defaults(ROOT / "launch/pixel_sail.launch.py")
-    for name in ("model_path", "device", "dtype", "image_qos", "use_depth", "use_compressed"):
+    for name in ("model_path", "device", "dtype", "image_qos", "use_depth", "use_compressed", "target_frame"):
         node_default = BY_NAME[name].default
         expected = str(node_default).lower() if isinstance(node_default, bool) else node_default
         assert defaults[name] == expected, f"launch default of {name} {defaults[name]!r} != node default {node_default!r}"

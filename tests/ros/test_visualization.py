@@ -127,6 +127,16 @@ def test_markers_delete_all_first_then_sphere_and_text():
     assert rest[3].text == "box"
 
 
+def test_marker_labels_float_along_the_given_up_direction():
+    """In a target frame such as base_link (z up), the node passes the camera's up rotated into that frame."""
+    arr = make_markers(Header(frame_id="base_link"), [(1.0, 2.0, 0.5)], ["mug"], sphere_diameter=0.05,
+                       text_height=0.04, up=(0.0, 0.0, 1.0))
+    sphere, text = arr.markers[1], arr.markers[2]
+    assert (text.pose.position.x, text.pose.position.y) == (1.0, 2.0)
+    assert text.pose.position.z == pytest.approx(0.5 + 0.09)
+    assert (sphere.pose.position.x, sphere.pose.position.y, sphere.pose.position.z) == (1.0, 2.0, 0.5)
+
+
 def test_markers_with_nothing_still_clear():
     arr = make_markers(Header(), [], [])
     assert len(arr.markers) == 1 and arr.markers[0].action == Marker.DELETEALL
