@@ -391,9 +391,10 @@ class PixelSailNode(LifecycleNode):
 
     @guarded
     def _on_click(self, msg: PointStamped) -> None:
-        frame = self._queue.latest_frame()
-        if frame is None:
-            self._count_error("click", f"click ignored: no frame has arrived on '{self._image_topic()}' yet")
+        try:
+            frame = self._latest_frame()
+        except ValueError as exc:
+            self._count_error("click", f"click ignored: {exc}")
             return
         h, w = frame.rgb.shape[:2]
         try:
@@ -641,12 +642,22 @@ class PixelSailNode(LifecycleNode):
         resp.message = f"{len(resp.result.objects)} object(s)"
         return resp
 
+    def _latest_frame(self) -> Frame:
+        """The newest camera frame, for a request that brings no image; ValueError if there is none or it is stale
+        (older than max_frame_age_s: a grasp must not act on where things were before the camera stopped)."""
+        frame = self._queue.latest_frame()
+        topic = self.resolve_topic_name(self._image_topic())
+        if frame is None:
+            raise ValueError(f"no frame has arrived on '{topic}' yet")
+        age, limit = time.monotonic() - frame.received, self.p("max_frame_age_s")
+        if limit > 0 and age > limit:
+            raise ValueError(f"the latest frame on '{topic}' arrived {age:.1f} s ago, more than max_frame_age_s="
+                             f"{limit:g}: is the camera still publishing?")
+        return frame
+
     def _service_frame(self, req: Segment.Request) -> Frame:
         if req.image.height == 0:
-            frame = self._queue.latest_frame()
-            if frame is None:
-                raise ValueError(f"no image in the request and no frame has arrived on '{self._image_topic()}' yet")
-            return frame
+            return self._latest_frame()
         rgb = image_conversion.to_rgb8(req.image, max_pixels=self.p("max_image_pixels"))
         return Frame(rgb=rgb, header=req.image.header)
 

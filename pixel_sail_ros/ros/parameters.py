@@ -40,6 +40,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "camera period, wait up to this long for the next one (meant for fresher results). 0 = off: start on "
               "the newest frame at once; on a 2-core CPU waiting made latency worse (README, Performance).",
               min_value=0.0, max_value=1000.0),
+    ParamSpec("max_frame_age_s", 1.0, "A click, or a segment call without its own image, uses the latest camera frame "
+              "only if it arrived less than this long ago; older = a clear error (has the camera stopped?). 0 = any age.",
+              min_value=0.0, max_value=3600.0),
     ParamSpec("max_new_tokens", 32, "Longest generated answer or description, in tokens.", min_value=1, max_value=1024),
     ParamSpec("max_prompt_chars", 256, "Longer text prompts are rejected with an error.", min_value=1, max_value=100000),
     ParamSpec("max_image_pixels", 4096 * 4096, "Larger images are rejected with an error.", min_value=1, max_value=1 << 30),

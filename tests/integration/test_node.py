@@ -48,7 +48,9 @@ def ns() -> str:
 
 @pytest.fixture(scope="module")
 def node(ns: str, model_dir: str):
-    proc = NodeProcess(ns, {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_prompt_chars": 64})
+    # max_frame_age_s 30: on a loaded CI machine a test's last frame can be seconds old when it asks about it
+    proc = NodeProcess(ns, {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_prompt_chars": 64,
+                            "max_frame_age_s": 30.0})
     assert proc.wait_for_log("active: waiting for frames", 120), proc.output
     yield proc
     proc.stop()
@@ -307,7 +309,7 @@ def fresh_depth_node(ns: str, model_dir: str):
     """A node of its own, for a test that asks about "the latest frame": on the shared node a frame that an
     earlier test published can still be delivered late (best effort on a loaded CI machine) and become the
     latest one."""
-    proc = NodeProcess(ns + "_depth", {"model_path": model_dir, "use_depth": True, "device": "cpu"})
+    proc = NodeProcess(ns + "_depth", {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_frame_age_s": 30.0})
     c = Client(ns + "_depth", "depth_client")
     try:
         assert proc.wait_for_log("active: waiting for frames", 120), proc.output
@@ -427,6 +429,46 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
         assert key in values, key
     assert values["device"].startswith("cpu")
     assert values["transport_loss_counted"] == "yes"  # Fast DDS numbers its samples, so losses are seen
+
+
+def test_a_stale_latest_frame_is_refused_for_clicks_and_service_calls(client: Client, node: NodeProcess,
+                                                                      segment) -> None:
+    """A grasp must not act on where things were before the camera stopped: past max_frame_age_s the latest frame
+    is refused with an error that says how old it is; a fresh frame is served again."""
+    from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    n = client.node
+    setter = n.create_client(SetParameters, "pixel_sail/set_parameters")
+    assert client.spin_until(setter.service_is_ready, 20)
+
+    def set_max_age(seconds: float) -> None:
+        value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=seconds)
+        res = client.call(setter, SetParameters.Request(parameters=[ParameterMsg(name="max_frame_age_s", value=value)]))
+        assert res.results[0].successful, res.results[0].reason
+
+    pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
+    pub_click = n.create_publisher(PointStamped, "click", 10)
+    assert client.spin_until(lambda: pub_img.get_subscription_count() > 0 and pub_click.get_subscription_count() > 0, 20)
+    frame = render_frame(SEED, 8, 160, 120)
+    for _ in range(3):
+        pub_img.publish(image_msg(frame.rgb, 88))
+        client.spin_until(lambda: False, 0.1)
+    set_max_age(0.5)
+    try:
+        client.spin_until(lambda: False, 1.5)  # no frame for 1.5 s: the camera "stopped"
+        resp = segment(Segment.Request(text="red circle"))
+        assert not resp.success
+        assert "arrived" in resp.message and "max_frame_age_s=0.5" in resp.message, resp.message
+        click = PointStamped()
+        click.point.x, click.point.y = 10.0, 10.0
+        pub_click.publish(click)
+        assert node.wait_for_log("click ignored: the latest frame", 10), node.output[-2000:]
+        set_max_age(30.0)  # the same frame, now young enough: served again
+        resp = segment(Segment.Request(text="red circle"))
+        assert resp.success and resp.result.header.stamp.sec == 88, resp.message
+    finally:
+        set_max_age(30.0)
 
 
 def test_every_parameter_is_declared_with_a_description(client: Client, node: NodeProcess) -> None:
