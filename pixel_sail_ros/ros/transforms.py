@@ -6,7 +6,8 @@ arrives on ``/tf`` and ``/tf_static``. It follows tf2's rules where a grasp pipe
 - a lookup is *at the image's stamp*: translation interpolated linearly, rotation by slerp, between the two
   transforms around it; never extrapolated (an arm-mounted camera moves during a grasp, so the latest
   transform is the wrong one);
-- stamp 0 means "the newest of each link";
+- stamp 0 means "latest": the newest time that every moving link on the path has reached (tf2's latest
+  common time), so the links of one lookup are never from different moments;
 - static transforms hold at every time; dynamic ones are kept for ``cache_s`` seconds;
 - every failure is a :class:`TransformError` whose message says which frames, which time, and what is known.
 """
@@ -123,9 +124,6 @@ class _Link:
             del self.stamps[:cut], self.samples[:cut]
 
     def at(self, stamp: float, child: str) -> RigidTransform:
-        if stamp == 0.0:
-            s = self.samples[-1]
-            return RigidTransform.from_quaternion(s.translation, s.rotation)
         first, last = self.stamps[0], self.stamps[-1]
         if stamp > last or stamp < first:
             when = "into the future" if stamp > last else "into the past"
@@ -247,6 +245,9 @@ class TransformBuffer:
         if common is None:
             raise TransformError(f"'{target}' and '{source}' are in different TF trees (roots '{up_target[-1]}' "
                                  f"and '{up_source[-1]}'): nothing connects them")
-        source_up = self._to_ancestor(up_source[: up_source.index(common) + 1], stamp)
-        target_up = self._to_ancestor(up_target[: up_target.index(common) + 1], stamp)
-        return target_up.inverse() @ source_up
+        source_chain = up_source[: up_source.index(common) + 1]
+        target_chain = up_target[: up_target.index(common) + 1]
+        if stamp == 0.0:  # "latest" = the newest time every moving link on the path has reached, as in tf2
+            newest = [self._dynamic[f].stamps[-1] for f in source_chain[:-1] + target_chain[:-1] if f in self._dynamic]
+            stamp = min(newest, default=0.0)
+        return self._to_ancestor(target_chain, stamp).inverse() @ self._to_ancestor(source_chain, stamp)

@@ -96,6 +96,16 @@ def test_stamp_between_two_transforms_interpolates_translation_and_rotation(arm:
     np.testing.assert_allclose(arm.lookup("world", "base_link", 0.0).translation, [1, 0, 0])  # 0 = newest
 
 
+def test_stamp_zero_is_the_latest_time_all_links_on_the_path_share(arm: TransformBuffer) -> None:
+    """world -> base_link reaches 2.0 but base_link -> tool only 1.5: "latest" is 1.5 for the whole chain."""
+    latest = arm.lookup("world", "tool", 0.0)
+    at_common = arm.lookup("world", "tool", 1.5)
+    np.testing.assert_allclose(latest.rotation, at_common.rotation, atol=1e-12)
+    np.testing.assert_allclose(latest.translation, at_common.translation, atol=1e-12)
+    each_newest = arm.lookup("world", "base_link", 2.0) @ arm.lookup("base_link", "tool", 1.5)
+    assert not np.allclose(latest.translation, each_newest.translation)  # never links from different moments
+
+
 def test_siblings_meet_at_their_common_parent_without_touching_links_above(arm: TransformBuffer) -> None:
     # world -> base_link holds only 1..2 s, but tool -> camera never passes through it
     t = arm.lookup("tool", "camera_link", 1.5)
