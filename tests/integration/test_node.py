@@ -340,6 +340,9 @@ def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_th
     pub_img.publish(img)
     client.spin_until(lambda: False, 0.3)
     pub_depth.publish(numpy_to_image(frame.depth_m, "32FC1", img.header))  # the depth comes after its frame
+    # let it reach the node before the flood: the subscription keeps the newest 5, so on a starved CPU the flood
+    # could replace it in the middle-ware queue before any callback ran (a transport loss, not what is tested)
+    client.spin_until(lambda: False, 0.5)
     for k in range(40):  # far more newer depth images than the node buffers, 2x farther away
         later = image_msg(frame.rgb, 3000 + k).header
         pub_depth.publish(numpy_to_image(2 * frame.depth_m, "32FC1", later))
