@@ -54,3 +54,19 @@ def test_another_renderer_or_camera_costs_the_bundled_model_little() -> None:
         r = evaluate_shapesref(engine, seed=plain["seed"], num_samples=plain["num_samples"], appearance=name)[0].compute()
         assert r["ciou"] >= plain["ciou"] - 0.05, (name, r["ciou"], plain["ciou"])
         assert r["description_accuracy"] >= plain["description_accuracy"] - 0.1, (name, r, plain)  # 125 clicks
+
+
+def test_readme_reports_the_recorded_numbers() -> None:
+    """The README's bundled row and its eval excerpt are the recorded eval (which the test above reproduces)."""
+    import re
+
+    record = json.loads(RECORD.read_text())
+    readme = (BUNDLED.parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| **bundled**"))
+    shown = [float(x) for x in re.findall(r"\d\.\d{3}", row.split("|", 2)[2])]
+    keys = ("ciou", "giou", "no_target_accuracy", "target_found_accuracy", "description_accuracy", "click_ciou")
+    assert shown == [round(record[k], 3) for k in keys], (row, {k: record[k] for k in keys})
+    excerpt = json.loads(re.search(r"```json\n(\{.*?\})\n```", readme, re.S).group(1))
+    for key, value in excerpt.items():
+        expected = round(record[key], 4) if isinstance(record[key], float) else record[key]
+        assert value == expected, (key, value, record[key])
