@@ -161,3 +161,26 @@ def test_compressed_input_and_sigint_mid_stream_exits_fast(model_dir: str) -> No
     assert took < 2.0, f"SIGINT took {took:.2f} s"
     assert proc.proc.returncode == 0, proc.output[-2000:]
     assert np.isfinite(took)
+
+
+def test_a_camera_whose_qos_cannot_match_is_named_with_the_parameter_to_change(model_dir: str) -> None:
+    """A best-effort camera never reaches a node asking for reliable frames: the node must say so, and how to fix
+    it (image_qos), instead of waiting silently (ros_anchors.md: the anchors' most common silent failure)."""
+    ns = _ns()
+    proc = NodeProcess(ns, {"model_path": model_dir, "device": "cpu", "image_qos": "reliable"})
+    c = Client(ns, "qos_client")
+    try:
+        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+        pub = c.node.create_publisher(Image, "image", qos_profile_sensor_data)  # best effort, as camera drivers
+        frame = render_frame(5, 2, 160, 120)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not any("incompatible QoS" in line for line in proc.lines):
+            pub.publish(numpy_to_image(frame.rgb, "rgb8"))
+            c.spin_until(lambda: False, 0.2)
+        assert proc.wait_for_log("incompatible QoS", 1), proc.output[-2000:]
+        assert proc.wait_for_log("set image_qos to match the driver", 1), proc.output[-2000:]
+        assert proc.wait_for_log("no frame received", 15), proc.output[-2000:]  # and the frames never arrive
+        assert proc.proc.poll() is None
+    finally:
+        c.close()
+        proc.stop()
