@@ -277,6 +277,33 @@ def test_a_result_without_3d_clears_the_previous_markers_and_cloud(client: Clien
     assert cloud.width == 0 and len(read_points(cloud)) == 0
 
 
+def test_depth_of_the_wrong_size_or_unit_is_refused_with_a_reason(client: Client, node: NodeProcess, segment) -> None:
+    """Depth not registered to the colour image (another size) or in no depth unit: 3D is skipped and the log says
+    why; the 2D result still comes back and the node keeps running."""
+    n = client.node
+    pub_depth = n.create_publisher(Image, "depth", qos_profile_sensor_data)
+    pub_info = n.create_publisher(CameraInfo, "camera_info", qos_profile_sensor_data)
+    assert client.spin_until(lambda: pub_depth.get_subscription_count() > 0 and pub_info.get_subscription_count() > 0, 20)
+    frame = render_frame(SEED, 4, 320, 240)
+    img = image_msg(frame.rgb, 5000)
+    info = CameraInfo(width=320, height=240, k=frame.K.reshape(-1).tolist())
+    info.header = img.header
+    pub_info.publish(info)
+    pub_depth.publish(numpy_to_image(frame.depth_m[::2, ::2].copy(), "32FC1", img.header))  # 160x120
+    pub_depth.publish(numpy_to_image(frame.rgb[..., 0].copy(), "mono8", image_msg(frame.rgb, 5001).header))
+    client.spin_until(lambda: False, 0.5)
+    target = int(np.argmax([m.sum() for m in frame.masks]))
+    ys, xs = np.nonzero(frame.masks[target])
+    roi = RegionOfInterest(x_offset=int(xs.min()), y_offset=int(ys.min()), width=int(np.ptp(xs) + 1),
+                           height=int(np.ptp(ys) + 1))
+    resp = segment(Segment.Request(image=img, boxes=[roi]))
+    assert resp.success and resp.result.objects, resp.message
+    assert not resp.result.objects[0].has_position
+    assert node.wait_for_log("depth is 160x120 but the image is 320x240", 10), node.output[-2000:]
+    assert node.wait_for_log("dropped a depth frame", 10), node.output[-2000:]
+    assert node.proc.poll() is None
+
+
 def test_a_rejected_prompt_stops_the_standing_one(client: Client, node: NodeProcess) -> None:
     n = client.node
     frame = render_frame(SEED, 6, 160, 120)
