@@ -226,6 +226,7 @@ class PixelSailNode(LifecycleNode):
         self._stop_worker()
         self._destroy_inputs()
         self._release_engine()
+        self._tf = TransformBuffer()  # a reconfigured node may face another TF tree (/tf_static is re-sent to it)
         for pub in self._pubs.values():
             self.destroy_publisher(pub)
         self._pubs = {}
