@@ -9,7 +9,7 @@ VENV := $(ROOT)/.venv
 VPY := $(VENV)/bin/python
 BUILD := $(ROOT)/build/pixel_sail_ros
 STAGE := $(ROOT)/build/src/pixel_sail_ros
-STAGED := CMakeLists.txt package.xml msg srv scripts launch config pixel_sail_ros
+STAGED := CMakeLists.txt cmake package.xml msg srv scripts launch config pixel_sail_ros
 INSTALL := $(ROOT)/install
 PYTEST_ARGS ?= -n 2 --timeout 600
 ENV := source $(ROOT)/env.sh &&
@@ -33,7 +33,7 @@ $(VENV)/.stamp: requirements/ros.txt requirements/ml.txt requirements/test.txt s
 
 setup: $(VENV)/.stamp build
 
-IFACES := $(wildcard msg/*.msg srv/*.srv) CMakeLists.txt package.xml $(wildcard scripts/*) $(wildcard launch/*) $(wildcard config/*)
+IFACES := $(wildcard msg/*.msg srv/*.srv) CMakeLists.txt $(wildcard cmake/*) package.xml $(wildcard scripts/*) $(wildcard launch/*) $(wildcard config/*)
 PYSRC := $(shell find pixel_sail_ros -type f -not -name '*.pyc' -not -path '*/__pycache__/*' 2>/dev/null)
 
 # One ament_cmake package, configured from $(1), built in $(2) and installed into install/.
@@ -46,7 +46,7 @@ define cmake_package
 endef
 
 # tf2_msgs (TFMessage, for the node's target_frame): the registry wheels lack it; see ros_deps/README.md.
-TF2_MSGS := $(wildcard ros_deps/tf2_msgs/msg/*.msg) ros_deps/tf2_msgs/CMakeLists.txt ros_deps/tf2_msgs/package.xml
+TF2_MSGS := $(wildcard ros_deps/tf2_msgs/msg/*.msg) ros_deps/tf2_msgs/CMakeLists.txt ros_deps/tf2_msgs/package.xml $(wildcard cmake/*)
 $(INSTALL)/.tf2_msgs.stamp: $(VENV)/.stamp $(TF2_MSGS)
 	mkdir -p $(ROOT)/build
 	$(call cmake_package,$(ROOT)/ros_deps/tf2_msgs,$(ROOT)/build/tf2_msgs)
