@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import rclpy
@@ -16,6 +17,10 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import Image
+
+from pixel_sail_ros.ros.image_conversion import numpy_to_image
+from pixel_sail_ros.srv import Segment
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "pixel_sail_ros" / "checkpoints" / "shapesref_tiny"
@@ -97,6 +102,43 @@ class Client:
         self.node.destroy_node()
         self.executor.shutdown()
         rclpy.try_shutdown(context=self.ctx)
+
+
+@contextlib.contextmanager
+def active_node(namespace: str, params: dict[str, Any], client_name: str) -> Iterator[tuple[Client, NodeProcess]]:
+    """A node of its own (own process, as a user starts it), once active, and a client in its namespace."""
+    proc = NodeProcess(namespace, params)
+    client = Client(namespace, client_name)
+    try:
+        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+        yield client, proc
+    finally:
+        client.close()
+        proc.stop()
+
+
+def segment_caller(client: Client) -> Callable[..., Any]:
+    """``call(request, timeout=60.0)`` → the node's ``segment`` answer, once the service is there."""
+    cli = client.node.create_client(Segment, "segment")
+    assert client.spin_until(cli.service_is_ready, 30), "segment service never appeared"
+    return lambda req, timeout=60.0: client.call(cli, req, timeout)
+
+
+def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
+    msg = numpy_to_image(rgb, "rgb8")
+    msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id
+    return msg
+
+
+def outputs_3d_for(client: Client, marker_arrays: list, clouds: list, sec: int, timeout: float):
+    """The MarkerArray and PointCloud2 the node sent with the result for the frame stamped ``sec``."""
+    def find():
+        arrays = [a for a in marker_arrays if a.markers and a.markers[0].header.stamp.sec == sec]
+        cloud = [c for c in clouds if c.header.stamp.sec == sec]
+        return (arrays[0], cloud[0]) if arrays and cloud else None
+
+    assert client.spin_until(lambda: find() is not None, timeout), f"no markers and cloud for the frame at {sec}"
+    return find()
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -33,7 +32,9 @@ from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 from pixel_sail_ros.srv import Segment  # noqa: E402
 from pixel_sail_ros.training import shapesref  # noqa: E402
 
-from .node_harness import Client, NodeProcess, iou, mono8_mask  # noqa: E402
+from .node_harness import (  # noqa: E402
+    Client, NodeProcess, active_node, image_msg, iou, mono8_mask, outputs_3d_for, segment_caller,
+)
 
 SEED = 424242  # ShapesRef scenes no training run used (the bundled model trains on other seeds)
 pytestmark = pytest.mark.timeout(300)
@@ -61,13 +62,6 @@ def client(ns: str, node: NodeProcess):
     c = Client(ns)
     yield c
     c.close()
-
-
-def segment_caller(client: Client) -> Callable[..., Segment.Response]:
-    """``call(request, timeout=60.0)`` → the node's ``segment`` answer, once the service is there."""
-    cli = client.node.create_client(Segment, "segment")
-    assert client.spin_until(cli.service_is_ready, 30), "segment service never appeared"
-    return lambda req, timeout=60.0: client.call(cli, req, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -98,23 +92,6 @@ def assert_same_answer(res, ref, shape: tuple[int, int]) -> None:
         if mask.any() or node_mask.any():
             assert iou(node_mask, mask) >= 0.98, f"{obj.label!r}: node mask IoU vs the model's {iou(node_mask, mask):.3f}"
         assert abs(obj.score - float(score)) <= 0.02
-
-
-def outputs_3d_for(client: Client, marker_arrays: list, clouds: list, sec: int, timeout: float):
-    """The MarkerArray and PointCloud2 the node sent with the result for the frame stamped ``sec``."""
-    def find():
-        arrays = [a for a in marker_arrays if a.markers and a.markers[0].header.stamp.sec == sec]
-        cloud = [c for c in clouds if c.header.stamp.sec == sec]
-        return (arrays[0], cloud[0]) if arrays and cloud else None
-
-    assert client.spin_until(lambda: find() is not None, timeout), f"no markers and cloud for the frame at {sec}"
-    return find()
-
-
-def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
-    msg = numpy_to_image(rgb, "rgb8")
-    msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id
-    return msg
 
 
 def present_expressions(frame, k: int, rng: np.random.Generator):
@@ -336,14 +313,9 @@ def fresh_depth_node(ns: str, model_dir: str):
     """A node of its own, for a test that asks about "the latest frame": on the shared node a frame that an
     earlier test published can still be delivered late (best effort on a loaded CI machine) and become the
     latest one."""
-    proc = NodeProcess(ns + "_depth", {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_frame_age_s": 30.0})
-    c = Client(ns + "_depth", "depth_client")
-    try:
-        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+    params = {"model_path": model_dir, "use_depth": True, "device": "cpu", "max_frame_age_s": 30.0}
+    with active_node(ns + "_depth", params, "depth_client") as (c, proc):
         yield c, proc, segment_caller(c)
-    finally:
-        c.close()
-        proc.stop()
 
 
 def test_depth_arriving_after_its_frame_is_paired_even_once_newer_depth_fills_the_buffer(fresh_depth_node) -> None:

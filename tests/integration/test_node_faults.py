@@ -35,7 +35,7 @@ from pixel_sail_ros.ros.node import PixelSailNode  # noqa: E402
 from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 from pixel_sail_ros.srv import Segment  # noqa: E402
 
-from .node_harness import Client, NodeProcess  # noqa: E402
+from .node_harness import Client, NodeProcess, active_node  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -166,11 +166,7 @@ def test_compressed_input_and_sigint_mid_stream_exits_fast(model_dir: str) -> No
 def test_a_camera_whose_qos_cannot_match_is_named_with_the_parameter_to_change(model_dir: str) -> None:
     """A best-effort camera never reaches a node asking for reliable frames: the node must say so, and how to fix
     it (image_qos), instead of waiting silently (ros_anchors.md: the anchors' most common silent failure)."""
-    ns = _ns()
-    proc = NodeProcess(ns, {"model_path": model_dir, "device": "cpu", "image_qos": "reliable"})
-    c = Client(ns, "qos_client")
-    try:
-        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+    with active_node(_ns(), {"model_path": model_dir, "device": "cpu", "image_qos": "reliable"}, "qos_client") as (c, proc):
         pub = c.node.create_publisher(Image, "image", qos_profile_sensor_data)  # best effort, as camera drivers
         frame = render_frame(5, 2, 160, 120)
         end = time.monotonic() + 30
@@ -181,6 +177,3 @@ def test_a_camera_whose_qos_cannot_match_is_named_with_the_parameter_to_change(m
         assert proc.wait_for_log("set image_qos to match the driver", 1), proc.output[-2000:]
         assert proc.wait_for_log("no frame received", 15), proc.output[-2000:]  # and the frames never arrive
         assert proc.proc.poll() is None
-    finally:
-        c.close()
-        proc.stop()

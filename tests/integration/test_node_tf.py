@@ -27,8 +27,7 @@ from pixel_sail_ros.ros.point_cloud import deproject, mask_centroid_3d, read_poi
 from pixel_sail_ros.srv import Segment  # noqa: E402
 from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 
-from .node_harness import Client, NodeProcess, mono8_mask  # noqa: E402
-from .test_node import image_msg, outputs_3d_for, segment_caller  # noqa: E402
+from .node_harness import Client, active_node, image_msg, mono8_mask, outputs_3d_for, segment_caller  # noqa: E402
 
 SEED = 424242
 pytestmark = pytest.mark.timeout(300)
@@ -55,15 +54,10 @@ def transform(parent: str, child: str, sec: int, xyz, yaw_deg: float = 0.0, xyzw
 @pytest.fixture(scope="module")
 def tf_node(model_dir: str):
     ns = "/tf" + uuid.uuid4().hex[:10]
-    proc = NodeProcess(ns, {"model_path": model_dir, "use_depth": True, "device": "cpu", "target_frame": "base_link",
-                            "tf_timeout_s": TF_TIMEOUT_S})
-    client = Client(ns, "tf_client")
-    try:
-        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+    params = {"model_path": model_dir, "use_depth": True, "device": "cpu", "target_frame": "base_link",
+              "tf_timeout_s": TF_TIMEOUT_S}
+    with active_node(ns, params, "tf_client") as (client, proc):
         yield client, proc, segment_caller(client)
-    finally:
-        client.close()
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
