@@ -41,6 +41,13 @@ def _unit_quaternion(xyzw: Sequence[float]) -> np.ndarray:
     return q / norm
 
 
+def _translation(xyz: Sequence[float]) -> np.ndarray:
+    t = np.asarray(xyz, dtype=np.float64).reshape(-1)
+    if t.shape != (3,) or not np.isfinite(t).all():
+        raise ValueError(f"a translation needs 3 finite values, got {list(t)}")
+    return t
+
+
 def quaternion_matrix(xyzw: Sequence[float]) -> np.ndarray:
     """The 3x3 rotation matrix of a quaternion (x, y, z, w), normalised first."""
     x, y, z, w = _unit_quaternion(xyzw)
@@ -76,10 +83,7 @@ class RigidTransform:
 
     @classmethod
     def from_quaternion(cls, translation: Sequence[float], xyzw: Sequence[float]) -> "RigidTransform":
-        t = np.asarray(translation, dtype=np.float64).reshape(-1)
-        if t.shape != (3,) or not np.isfinite(t).all():
-            raise ValueError(f"a translation needs 3 finite values, got {list(t)}")
-        return cls(quaternion_matrix(xyzw), t)
+        return cls(quaternion_matrix(xyzw), _translation(translation))
 
     def __matmul__(self, other: "RigidTransform") -> "RigidTransform":
         """self ∘ other: apply ``other`` first."""
@@ -159,10 +163,7 @@ class TransformBuffer:
             raise ValueError(f"a transform needs a parent and a child frame, got {parent!r} -> {child!r}")
         if parent == child:
             raise ValueError(f"frame {child!r} cannot be its own parent")
-        q = _unit_quaternion(rotation_xyzw)
-        t = np.asarray(translation, dtype=np.float64).reshape(-1)
-        if t.shape != (3,) or not np.isfinite(t).all():
-            raise ValueError(f"the translation of {parent!r} -> {child!r} needs 3 finite values, got {list(t)}")
+        q, t = _unit_quaternion(rotation_xyzw), _translation(translation)
         with self._changed:
             if static:
                 self._static[child] = (parent, RigidTransform.from_quaternion(t, q))
