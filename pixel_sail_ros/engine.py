@@ -3,7 +3,8 @@
 This is what the ROS node, the eval CLI and the benchmarks call. No ROS here. One request = one image prefix
 computed once (bidirectional, into a KV cache) and one short greedy answer per question, each answer starting
 from a copy of that cache, or, with static decoding (opt-in), from one fixed-size cache rewound to the end
-of the prefix, its one-token steps optionally replayed from a CUDA graph.
+of the prefix, its one-token steps optionally replayed from a CUDA graph. Each answer is drafted from the same
+question's previous answer (a camera stream asks the same thing frame after frame) and verified in one pass.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .model.processing_pixel_sail import (
     refer_seg_question,
     vp_describe_question,
     vp_seg_question,
+    SEG_ANSWER,
 )
 
 from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES, DTYPE_NAMES  # noqa: E402 (one definition, shared with the light tools)
@@ -108,12 +110,18 @@ class PixelSailEngine:
         max_new_tokens: int = 32,
         mask_threshold: float = 0.5,
         decoding: str = "auto",
+        speculative: bool = True,
     ) -> None:
         """``decoding``: "dynamic" (a growing KV cache per answer), "static" (one fixed-size cache reused across
         frames), "compiled" (static, each one-token step through ``torch.compile``: the first answers pay the
         compilation), "graphs" (static, each one-token step replayed from a CUDA graph: CUDA only), or "auto"
         (dynamic, for now). All give the same answers; graphs are meant to remove most of the GPU's
-        kernel-launch overhead, and become the CUDA default once measured on a GPU (see README "Performance")."""
+        kernel-launch overhead, and become the CUDA default once measured on a GPU (see README "Performance").
+
+        ``speculative``: draft each answer from the same question's previous answer ("It is [SEG]." for a
+        segmentation question not asked yet) and let greedy decoding verify the draft in one pass
+        (``generate_answer(draft_ids=...)``). The answers are the greedy ones either way; a right draft saves
+        all but one of the answer's decoder passes, a wrong one costs a few extra tokens in the first pass."""
         self.model = model.eval()
         self.processor = processor
         self.logits_processor: Any = None  # passed to generate_answer (the benchmarks script answers with it)
@@ -126,6 +134,10 @@ class PixelSailEngine:
         self._prefix_statics: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
         self.decoding = resolve_decoding(decoding, self.device)
         self._static = static_decoding_for(self.model, self.decoding)
+        self.speculative = bool(speculative)
+        self._seg_answer_ids = processor.tokenizer.encode(SEG_ANSWER, add_special_tokens=False)
+        self._previous_answers: OrderedDict[str, list[int]] = OrderedDict()  # question → its last answer's tokens
+        self.draft_stats = {"answers": 0, "drafted_tokens": 0, "accepted_tokens": 0, "passes": 0}
 
     @classmethod
     def from_pretrained(
@@ -137,6 +149,7 @@ class PixelSailEngine:
         max_new_tokens: int = 32,
         mask_threshold: float = 0.5,
         decoding: str = "auto",
+        speculative: bool = True,
     ) -> PixelSailEngine:
         """Load a checkpoint directory (None = the bundled ShapesRef model) onto a device, in a dtype."""
         directory = Path(path) if path is not None else BUNDLED_CHECKPOINT
@@ -157,7 +170,8 @@ class PixelSailEngine:
         )
         model.to(torch_device)
         processor = PixelSailProcessor.from_pretrained(directory)
-        return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, decoding=decoding)
+        return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, decoding=decoding,
+                   speculative=speculative)
 
     @property
     def device(self) -> torch.device:
@@ -171,6 +185,7 @@ class PixelSailEngine:
         """Drop the model and cached tensors and return GPU memory (e.g. when a lifecycle node deactivates)."""
         on_cuda = self.device.type == "cuda"
         self._prefix_statics.clear()
+        self._previous_answers.clear()
         self._static = None
         self.model = None  # type: ignore[assignment]
         if on_cuda:
@@ -216,7 +231,7 @@ class PixelSailEngine:
             seg_answers: list[PixelSailAnswer] = []
             answers: list[str] = []
             if text:
-                answer = self._answer(prefix, refer_seg_question(text))
+                answer = self._answer(prefix, refer_seg_question(text), segments=True)
                 seg_answers.append(answer)
                 labels.append(text)
                 answers.append(self.processor.decode(answer.token_ids))
@@ -230,7 +245,7 @@ class PixelSailEngine:
                     prompt_labels = list(descriptions)
                 answers += descriptions
             for k in range(n_prompts):
-                answer = self._answer(prefix, vp_seg_question(k))
+                answer = self._answer(prefix, vp_seg_question(k), segments=True)
                 seg_answers.append(answer)
                 labels.append(prompt_labels[k])
                 answers.append(self.processor.decode(answer.token_ids))
@@ -263,12 +278,24 @@ class PixelSailEngine:
         batch = self.processor.prefix_inputs(inputs, device=self.device)
         return {k: batch[k] for k in ("input_ids", "image_grid_hw", "position_ids", "attention_mask")}
 
-    def _answer(self, prefix: PixelSailPrefix, question: str) -> PixelSailAnswer:
+    def _answer(self, prefix: PixelSailPrefix, question: str, segments: bool = False) -> PixelSailAnswer:
+        """Greedy answer to ``question``; ``segments``: a segmentation question (drafted "It is [SEG]." at first)."""
         ids = _cached(self._question_ids, question, lambda: self.processor.encode_question(question), 512)
-        return self.model.generate_answer(
+        draft = None
+        if self.speculative:
+            draft = self._previous_answers.get(question, self._seg_answer_ids if segments else None)
+        answer = self.model.generate_answer(
             prefix, ids, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
-            logits_processor=self.logits_processor,
+            logits_processor=self.logits_processor, draft_ids=draft,
         )
+        if self.speculative:
+            _remember(self._previous_answers, question, answer.token_ids, 512)
+        stats = self.draft_stats
+        stats["answers"] += 1
+        stats["drafted_tokens"] += len(draft or ())
+        stats["accepted_tokens"] += answer.draft_accepted
+        stats["passes"] += answer.passes
+        return answer
 
     def _masks(
         self, answers: list[PixelSailAnswer], labels: list[str], size: tuple[int, int]
@@ -293,10 +320,17 @@ def _cached(cache: OrderedDict, key: Any, make: Any, size: int) -> Any:
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    value = cache[key] = make()
+    value = make()
+    _remember(cache, key, value, size)
+    return value
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    """Store ``value`` as the newest entry of a small LRU."""
+    cache[key] = value
+    cache.move_to_end(key)
     if len(cache) > size:
         cache.popitem(last=False)
-    return value
 
 
 # ---- input checks (ValueError messages say what is wrong) -------------------------------------------------

@@ -107,6 +107,8 @@ class PixelSailAnswer:
     seg_token_probs: torch.Tensor  # (n_seg,) softmax probability with which each [SEG] was chosen
     stopped: bool  # ended on a stop token (False: max_new_tokens reached)
     step_logits: torch.Tensor | None = None  # (steps, vocab), when asked for
+    passes: int = 0  # decoder passes the answer took (a fully accepted draft: one)
+    draft_accepted: int = 0  # how many of the draft's tokens greedy decoding confirmed
 
 
 class PixelSailChannelNorm(nn.Module):
@@ -596,8 +598,10 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         attention_mask: torch.Tensor,
         cache: Cache,
         visual_prompt_features: torch.Tensor | None = None,
+        logits_to_keep: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder pass over text tokens after a cached prefix: (hidden (B, L, C), last logits (B, 1, V)).
+        """One decoder pass over text tokens after a cached prefix: (hidden (B, L, C), logits of the last
+        ``logits_to_keep`` tokens (B, logits_to_keep, V)).
 
         ``forward`` without its checks and image handling: nothing here waits for the GPU, so a CUDA graph can
         record it (:class:`~.static_decoding.StaticDecoding`).
@@ -612,7 +616,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids, past_key_values=cache, use_cache=True
             )
         hidden = decoded.last_hidden_state
-        return hidden, self.lm_head(hidden[:, -1:])
+        return hidden, self.lm_head(hidden[:, -logits_to_keep:])
 
     def decode_tokens(
         self,
@@ -622,16 +626,17 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         cache: Cache,
         visual_prompt_features: torch.Tensor | None = None,
         step: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        logits_to_keep: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``text_step`` (or ``step``, a compiled one) on text tokens from position id ``position`` on:
-        (hidden (q, C), last logits (V,))."""
+        (hidden (q, C), logits of the last ``logits_to_keep`` tokens (logits_to_keep, V))."""
         device = self.lm_head.weight.device
         q = len(token_ids)
         hidden, logits = (step or self.text_step)(
             torch.tensor([token_ids], device=device), _text_positions(1, q, position, device), attention_mask, cache,
-            visual_prompt_features,
+            visual_prompt_features, logits_to_keep,
         )
-        return hidden[0], logits[0, -1]
+        return hidden[0], logits[0]
 
     @torch.no_grad()
     def prefill(
@@ -688,13 +693,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             decoding_generation=decoding.begin_prefix() if decoding is not None else 0,
         )
 
-    def _answer_steps(
-        self, prefix: PixelSailPrefix, new_tokens: int
-    ) -> Callable[[list[int], int, int], tuple[torch.Tensor, torch.Tensor]]:
-        """``step(token_ids, past, position) → (hidden (q, C), last logits (V,))`` for one answer after ``prefix``.
-
-        On the prefix's static cache when it has one and room for ``new_tokens`` more (rewound: the prefix is
-        kept, no copy), else on a private dynamic copy of the prefix cache.
+    def _answer_cache(self, prefix: PixelSailPrefix, new_tokens: int) -> _AnswerCache:
+        """Where one answer after ``prefix`` decodes: the prefix's static cache when it has one and room for
+        ``new_tokens`` more (rewound: the prefix is kept, no copy), else a private dynamic copy of the prefix cache.
         """
         decoding = prefix.decoding
         if decoding is not None:
@@ -702,15 +703,17 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 raise ValueError("this prefix's static cache now holds a later prefill; prefill the image again")
             if prefix.length + new_tokens <= decoding.max_len:
                 decoding.rewind(prefix.length)
-                return partial(decoding.run, visual_prompt_features=prefix.visual_prompt_features)
+                return _AnswerCache(partial(decoding.run, visual_prompt_features=prefix.visual_prompt_features),
+                                    decoding.rewind)
         cache = _dynamic_copy(prefix.past_key_values, prefix.length, self.config.text_config)
         device = prefix.vision_tokens.device
 
-        def step(token_ids: list[int], past: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(token_ids: list[int], past: int, position: int, logits_to_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
             mask = _causal_mask(1, len(token_ids), past, device)
-            return self.decode_tokens(token_ids, position, mask, cache, prefix.visual_prompt_features)
+            return self.decode_tokens(token_ids, position, mask, cache, prefix.visual_prompt_features,
+                                      logits_to_keep=logits_to_keep)
 
-        return step
+        return _AnswerCache(step, lambda length: cache.crop(length - cache.get_seq_length()))
 
     @torch.no_grad()
     def generate_answer(
@@ -722,6 +725,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         answer_prefix_ids: Sequence[int] | None = None,
         return_logits: bool = False,
         logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
+        draft_ids: Sequence[int] | None = None,
     ) -> PixelSailAnswer:
         """Greedy-decode one turn after an image prefix; the prefix's own cache entries are never changed (the
         answer decodes on a copy, or on the static cache past them).
@@ -730,8 +734,14 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         optionally forces the start of the answer (e.g. "It is [SEG]" to always get a mask). Positions continue
         from ``prefix.next_position`` on all three axes; each [SEG] of the answer is embedded from the hidden
         state of the step that reads it. ``step_logits`` are the logits of each free (not forced) choice.
-        ``logits_processor(fed_token_ids, logits)`` may change each step's last logits (V,) before the choice
-        (the benchmarks script a random model's answers with it); it is called once per decoder pass.
+        ``logits_processor(fed_token_ids, logits)`` may change each choice's logits (V,) before it is made (the
+        benchmarks script a random model's answers with it); it sees the same calls with or without a draft.
+
+        ``draft_ids`` (speculative decoding with a guessed answer, e.g. this question's answer on the previous
+        frame): the draft is fed together with the question in one pass, and greedy decoding keeps the longest
+        start of it that it would have chosen itself; the rest is dropped from the cache and decoding goes on
+        one token at a time. The answer is the greedy one either way (up to floating-point rounding of a chunked
+        pass); a right guess turns "It is [SEG]." from five passes into one.
         """
         device = prefix.vision_tokens.device
         if stop_token_ids is None:
@@ -742,34 +752,56 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if not prompt:
             raise ValueError("prompt_ids is empty")
         tokens = [int(t) for t in (answer_prefix_ids if answer_prefix_ids is not None else ())]
-        chunk, answer_start = prompt + tokens, len(prompt)
-        step = self._answer_steps(prefix, len(chunk) + max_new_tokens + 1)
+        draft = [int(t) for t in (draft_ids if draft_ids is not None else ())][:max(max_new_tokens, 0)]
+        chunk, answer_start = prompt + tokens + draft, len(prompt)
+        cache = self._answer_cache(prefix, len(chunk) + max_new_tokens + 1)
         past, position = prefix.length, prefix.next_position
         seg_states: list[torch.Tensor] = []
         seg_probs = [torch.ones((), device=device) for t in tokens if t == seg_id]
         step_logits: list[torch.Tensor] = []
-        new_tokens, stopped = 0, False
-        while True:
-            q = len(chunk)
-            hidden, last_logits = step(chunk, past, position)
-            if logits_processor is not None:
-                last_logits = logits_processor(chunk, last_logits)
-            past, position = past + q, position + q
+        new_tokens, stopped, passes, accepted = 0, False, 0, 0
+        finished = False
+        while not finished:
+            q, guessed = len(chunk), len(draft)
+            hidden, rows = cache.step(chunk, past, position, logits_to_keep=guessed + 1)
+            passes += 1
+            kept = q  # chunk tokens whose cache entries (and hidden states) stand
+            next_id = None
+            for j in range(guessed + 1):  # row j chooses the token after chunk[q - guessed - 1 + j]
+                if j and new_tokens >= max_new_tokens and draft[j - 1] != seg_id:
+                    kept, finished = q - guessed + j, True  # as without a draft: no pass after the last token
+                    break
+                fed = chunk[: q - guessed] if j == 0 else [draft[j - 1]]
+                logits = rows[j]
+                if logits_processor is not None:
+                    logits = logits_processor(fed, logits)
+                if new_tokens >= max_new_tokens:
+                    kept, finished = q - guessed + j, True
+                    break
+                logits = logits.float()
+                if return_logits:
+                    step_logits.append(logits.clone())
+                choice = int(logits.argmax())
+                if choice in stops:
+                    kept, finished, stopped = q - guessed + j, True, True
+                    break
+                if choice == seg_id:
+                    seg_probs.append(logits.softmax(-1)[choice])
+                tokens.append(choice)
+                new_tokens += 1
+                if j < guessed and choice == draft[j]:
+                    accepted += 1
+                    continue
+                kept, next_id = q - guessed + j, choice
+                break
             # clones: a graph-replayed step's outputs are overwritten by the next step
-            seg_states += [hidden[i].clone() for i in range(answer_start, q) if chunk[i] == seg_id]
-            if new_tokens >= max_new_tokens:
+            seg_states += [hidden[i].clone() for i in range(answer_start, kept) if chunk[i] == seg_id]
+            if finished:
                 break
-            logits = last_logits.float()
-            if return_logits:
-                step_logits.append(logits.clone())
-            next_id = int(logits.argmax())
-            if next_id in stops:
-                stopped = True
-                break
-            if next_id == seg_id:
-                seg_probs.append(logits.softmax(-1)[next_id])
-            tokens.append(next_id)
-            new_tokens += 1
+            past, position = past + kept, position + kept
+            if kept < q:
+                cache.rewind(past)  # the rest of the draft was wrong: its cache entries go
+            draft = []
             # The last token is fed only when its hidden state is needed (a trailing [SEG]).
             if new_tokens >= max_new_tokens and next_id != seg_id:
                 break
@@ -791,7 +823,18 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             seg_token_probs=torch.stack(seg_probs).float() if seg_probs else torch.zeros(0, device=device),
             stopped=stopped,
             step_logits=torch.stack(step_logits) if step_logits else None,
+            passes=passes,
+            draft_accepted=accepted,
         )
+
+
+@dataclass
+class _AnswerCache:
+    """Where one answer decodes: ``step(token_ids, past, position, logits_to_keep) → (hidden (q, C), logits
+    (logits_to_keep, V))`` feeds tokens; ``rewind(length)`` drops the entries from ``length`` on (a wrong draft)."""
+
+    step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rewind: Callable[[int], None]
 
 
 def _dynamic_copy(cache: Cache, length: int, config: PretrainedConfig) -> DynamicCache:

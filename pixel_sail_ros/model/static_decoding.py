@@ -102,9 +102,11 @@ class StaticDecoding:
     # ---- one step --------------------------------------------------------------------------------------
 
     def run(
-        self, token_ids: list[int], past: int, position: int, visual_prompt_features: torch.Tensor | None
+        self, token_ids: list[int], past: int, position: int, visual_prompt_features: torch.Tensor | None,
+        logits_to_keep: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``token_ids`` at cache position ``past`` / position id ``position``; (hidden (q, C), last logits (V,)).
+        """Feed ``token_ids`` at cache position ``past`` / position id ``position``; (hidden (q, C), logits of the
+        last ``logits_to_keep`` tokens (logits_to_keep, V)).
 
         A single token on CUDA replays the captured graph: its outputs are overwritten by the next step, so a
         caller that keeps them must clone them.
@@ -116,7 +118,8 @@ class StaticDecoding:
             step = self._compiled_step
             self.compiled_steps += 1
         mask = self.mask(len(token_ids), past)
-        return self.model.decode_tokens(token_ids, position, mask, self.cache, visual_prompt_features, step=step)
+        return self.model.decode_tokens(token_ids, position, mask, self.cache, visual_prompt_features, step=step,
+                                        logits_to_keep=logits_to_keep)
 
     def _replay(
         self, token_id: int, past: int, position: int, visual_prompt_features: torch.Tensor | None
@@ -136,7 +139,7 @@ class StaticDecoding:
             self._capture()  # on the real inputs just set: the warm-up runs must write finite cache entries
         self._graph.replay()
         self.graph_replays += 1
-        return b["hidden"][0], b["logits"][0, -1]
+        return b["hidden"][0], b["logits"][0]
 
     def _allocate_buffers(self) -> dict[str, torch.Tensor]:
         """The graph's inputs, at fixed addresses: token id, position ids, attention mask row, prompt features."""
