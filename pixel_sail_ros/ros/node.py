@@ -515,6 +515,7 @@ class PixelSailNode(LifecycleNode):
             # Parameters the user may change at run time apply to the next request.
             self._engine.mask_threshold = self.p("mask_threshold")
             self._engine.max_new_tokens = self.p("max_new_tokens")
+            self._engine.speculative = self.p("speculative_decoding")
             return self._engine.segment(rgb, text=text, points=points or None, boxes=boxes or None, describe=describe)
 
     def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:
@@ -688,6 +689,10 @@ class PixelSailNode(LifecycleNode):
             "engine_ms_p50": round(1000 * self._engine_time.percentile(50), 2),
             "prompt": self._prompt,
         }
+        if self._engine is not None:
+            drafts = dict(self._engine.draft_stats)
+            values["draft_tokens_accepted"] = f"{drafts['accepted_tokens']} of {drafts['drafted_tokens']}"
+            values["decoder_passes_per_answer"] = round(drafts["passes"] / max(drafts["answers"], 1), 2)
         if self.p("target_frame"):
             values["target_frame"] = self.p("target_frame")
             values["tf_frames_known"] = len(self._tf.frames())

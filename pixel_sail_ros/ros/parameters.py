@@ -31,6 +31,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "compiled runs each decoded token through torch.compile over a fixed-size KV cache (the first frames "
               "pay the compilation); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
               "Performance).", choices=DECODING_MODES, read_only=True),
+    ParamSpec("speculative_decoding", True, "Draft each answer from the same question's previous answer (a standing "
+              "prompt asks the same thing every frame) and verify the draft in one decoder pass. The answers are the "
+              "greedy ones either way; false = one decoder pass per answer token."),
     ParamSpec("num_threads", 0, "CPU threads for the model (torch intra-op); 0 = torch's default. On a loaded CPU, "
               "fewer threads than cores avoids oversubscription.", min_value=0, max_value=1024, read_only=True),
     ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),

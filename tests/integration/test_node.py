@@ -406,7 +406,8 @@ def test_click_topic_and_bad_topic_input_are_logged_not_fatal(client: Client, no
 def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -> None:
     """Self-contained (xdist may run it on a worker of its own): one answer, one refused request, frames."""
     frame = render_frame(SEED, 3, 160, 120)
-    assert segment(Segment.Request(image=image_msg(frame.rgb, 1), text="red circle")).success
+    for stamp in (1, 4):  # the same question twice: the second answer is drafted from the first
+        assert segment(Segment.Request(image=image_msg(frame.rgb, stamp), text="red circle")).success
     assert not segment(Segment.Request(image=image_msg(frame.rgb, 2))).success  # nothing to segment
     pub_img = client.node.create_publisher(Image, "image", qos_profile_sensor_data)
     assert client.spin_until(lambda: pub_img.get_subscription_count() > 0, 10)
@@ -431,6 +432,9 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
         assert key in values, key
     assert values["device"].startswith("cpu")
     assert values["transport_loss_counted"] == "yes"  # Fast DDS numbers its samples, so losses are seen
+    accepted, drafted = (int(n) for n in values["draft_tokens_accepted"].split(" of "))
+    assert 0 < accepted <= drafted
+    assert 0 < float(values["decoder_passes_per_answer"]) < 10
 
 
 def test_a_stale_latest_frame_is_refused_for_clicks_and_service_calls(client: Client, node: NodeProcess,
