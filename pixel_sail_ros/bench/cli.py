@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype (default: auto = bf16 on CUDA, float32 on the CPU)")
     p.add_argument("--decoding", default="auto", choices=DECODING_MODES,
                    help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
+    p.add_argument("--speculative", default="on", choices=("on", "off"),
+                   help="model suite: draft each segmentation answer as the engine drafts a standing prompt's "
+                        "(its previous answer), verified in one pass (default: on, as the engine)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         doc["model"] = model_bench.run(presets=_presets(args.presets), model_path=args.model_path,
                                        device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
-                                       decoding=args.decoding)
+                                       decoding=args.decoding, speculative=args.speculative == "on")
     if args.suite == "train":
         from . import train_bench
 

@@ -105,8 +105,10 @@ class DecoderTimer:
 
 
 def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], script: ScriptedAnswers,
-                 decoder: Optional[DecoderTimer] = None, decoding: Optional[StaticDecoding] = None) -> dict[str, float]:
-    """One referring-segmentation request through the model API; seconds per stage."""
+                 decoder: Optional[DecoderTimer] = None, decoding: Optional[StaticDecoding] = None,
+                 draft: Optional[Sequence[int]] = None) -> dict[str, float]:
+    """One referring-segmentation request through the model API; seconds per stage (and the answer's decoder
+    passes). ``draft``: the answer's draft, as the engine drafts a standing prompt from its previous answer."""
     model, proc, dev = subject.model, subject.processor, subject.device
     sync()
     t0 = time.perf_counter()
@@ -124,14 +126,15 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], sc
         decoder.armed = False
     stops = (subject.config.eos_token_id, subject.config.im_end_token_id)
     answer = model.generate_answer(prefix, subject.seg_question, max_new_tokens=32, stop_token_ids=stops,
-                                   logits_processor=script)
+                                   logits_processor=script, draft_ids=draft)
     sync()
     t3 = time.perf_counter()
     masks = proc.postprocess_masks(answer.mask_logits, rgb.shape[:2], 0.5).cpu().numpy()
     t4 = time.perf_counter()
     if masks.shape[0] != 1:
         raise RuntimeError(f"scripted answer gave {masks.shape[0]} masks, expected 1 (the [SEG] was not decoded)")
-    return {"preprocess": t1 - t0, "prefix": t2 - t1, "answer": t3 - t2, "postprocess": t4 - t3, "segment": t4 - t0}
+    return {"preprocess": t1 - t0, "prefix": t2 - t1, "answer": t3 - t2, "postprocess": t4 - t3, "segment": t4 - t0,
+            "passes": answer.passes}
 
 
 def describe_tokens_per_s(subject: Subject, rgb: np.ndarray, tokens: int, repeats: int, sync: Callable[[], None],
@@ -196,9 +199,9 @@ class MatmulProbe:
 
 
 def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, script: ScriptedAnswers,
-                           decoding: str) -> list[float]:
+                           decoding: str, speculative: bool = True) -> list[float]:
     """engine.segment (what the node calls) with the same scripted answer; needs the real tokenizer."""
-    engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding)
+    engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding, speculative=speculative)
     engine.logits_processor = script
     times = []
     for _ in range(repeats + 1):
@@ -210,8 +213,13 @@ def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, scri
     return times[1:]
 
 
-def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto") -> dict[str, Any]:
-    """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory."""
+def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto",
+             speculative: bool = True) -> dict[str, Any]:
+    """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory.
+
+    ``speculative``: segmentation answers are drafted, as the engine drafts a standing prompt's answer from the
+    previous frame's ("It is [SEG]." again); descriptions are timed without a draft (tokens/s of plain decoding).
+    """
     dev, dtype, config = subject.device, subject.dtype, subject.config
     mode = resolve_decoding(decoding, dev)
     static = static_decoding_for(subject.model, mode)
@@ -221,6 +229,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
     tokens = grid[0] * grid[1] + 2
     counts = flops.prefill_flops(config, grid)
     answer = fixed_answer(subject.seg_answer)  # every turn: "It is [SEG]." + stop
+    draft = subject.seg_answer[:-1] if speculative else None  # the answer without its stop token
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -231,7 +240,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         script = ScriptedAnswers(answer, config.im_start_token_id, subject.filler_id)
         with DecoderTimer(subject.model, sync) as dec:
             for i in range(budget.warmup + budget.repeats):
-                r = segment_once(subject, rgb, sync, script, dec, static)
+                r = segment_once(subject, rgb, sync, script, dec, static, draft)
                 if i >= budget.warmup:
                     runs.append(r)
                     probe.sample()
@@ -241,7 +250,8 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         engine_s: list[float] = []
         if subject.engine_processor is not None:
             try:
-                engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2), script, mode)
+                engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2), script, mode,
+                                                  speculative)
             except Exception as exc:  # noqa: BLE001 - the engine is optional here; say why it is missing
                 log.warning("engine.segment could not be benchmarked: %s: %s", type(exc).__name__, exc)
     mm = percentile(probe.gflops, 50)
@@ -264,6 +274,8 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         "dtype": str(dtype).replace("torch.", ""),
         "attention": subject.model.model.config._attn_implementation,
         "decoding": mode,
+        "speculative": speculative,
+        "answer_passes": max(r["passes"] for r in runs),  # decoder passes of "It is [SEG]." after the prefix
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": len(runs),
         "preprocess_ms_p50": rounded(p("preprocess", 50)),
@@ -328,7 +340,7 @@ def _free(subject: Optional[Subject]) -> None:
 
 def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = None, device: str = "auto",
         dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None,
-        decoding: str = "auto") -> list[dict[str, Any]]:
+        decoding: str = "auto", speculative: bool = True) -> list[dict[str, Any]]:
     """The model suite: one entry per (preset, resolution, device), models loaded once per (preset, device)."""
     cases = plan_cases(presets, device, torch.cuda.is_available())
     entries: list[dict[str, Any]] = []
@@ -348,7 +360,7 @@ def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = N
         assert subject is not None
         budget = budget_for(case.preset, case.device, quick, repeats)
         t0 = time.perf_counter()
-        entry = run_case(subject, *case.resolution, budget, decoding)
+        entry = run_case(subject, *case.resolution, budget, decoding, speculative)
         log.info("%s %dx%d on %s: prefix p50 %.1f ms, segment p50 %.1f ms, efficiency %s (%.1f s)", case.preset,
                  *case.resolution, case.device, entry["prefix_ms_p50"], entry["segment_ms_p50"], entry["efficiency"],
                  time.perf_counter() - t0)

@@ -34,6 +34,7 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
         assert not missing, missing
         assert e["preset"] == "tiny" and e["device"] == "cpu" and e["dtype"] == "float32"
         assert e["weights"] in ("path", "bundled")
+        assert e["speculative"] is True and e["answer_passes"] == 1  # "It is [SEG]." drafted, verified at once
         for key in POSITIVE:
             assert e[key] is not None and e[key] > 0, (key, e[key])
         assert 0 < e["efficiency"] <= 1.5, e
@@ -92,6 +93,12 @@ def test_scripted_answers_make_a_random_model_say_it_is_seg() -> None:
         assert answer.token_ids == answer_ids[:-1] and answer.stopped
         assert answer.mask_logits.shape[0] == 1
         assert s.steps == len(answer_ids)  # the question chunk + one forward per fed token
+        assert answer.passes == len(answer_ids)
+        # drafted as the engine drafts a standing prompt: the script sees the same calls, all in one pass
+        drafted = model.generate_answer(prefix, question, max_new_tokens=32, logits_processor=s,
+                                        draft_ids=answer_ids[:-1])
+        assert drafted.token_ids == answer.token_ids and drafted.passes == 1 and s.steps == 2 * len(answer_ids)
+        torch.testing.assert_close(drafted.mask_logits, answer.mask_logits, rtol=1e-4, atol=1e-4)
         # without it, the random model does not follow the script
         free = model.generate_answer(prefix, question, max_new_tokens=4, stop_token_ids=[])
         assert free.token_ids != answer_ids[:4]
