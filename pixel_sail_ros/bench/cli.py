@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="auto", choices=DECODING_MODES,
                    help="model suite: how answers decode, as the engine's `decoding` (default: auto = dynamic)")
     p.add_argument("--speculative", default="on", choices=("on", "off"),
-                   help="model suite: draft each segmentation answer as the engine drafts a standing prompt's "
-                        "(its previous answer), verified in one pass (default: on, as the engine)")
+                   help="model and node suites: draft each segmentation answer from the standing prompt's previous "
+                        "answer, verified in one pass (the engine's speculative / the node's speculative_decoding; "
+                        "default: on, as they are)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
-                                     seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms)
+                                     seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
+                                     speculative=args.speculative == "on")
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

@@ -244,8 +244,9 @@ def target_flags(overhead: Optional[float], idle: Optional[float], hop: Optional
 
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 30.0,
         quick: bool = False, echo_seconds: Optional[float] = None,
-        frame_wait_ms: Optional[float] = None) -> dict[str, Any]:
-    """The node suite's JSON object (see the module docstring for the timeline)."""
+        frame_wait_ms: Optional[float] = None, speculative: bool = True) -> dict[str, Any]:
+    """The node suite's JSON object (see the module docstring for the timeline); ``speculative`` sets the node's
+    speculative_decoding parameter."""
     import psutil
 
     from pixel_sail_ros.ros.parameters import BY_NAME
@@ -264,7 +265,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                  echo["echo_frames_sent"])
         t0 = time.monotonic()
         node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype,
-                                                 "frame_wait_ms": float(frame_wait_ms)})
+                                                 "frame_wait_ms": float(frame_wait_ms),
+                                                 "speculative_decoding": bool(speculative)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, PROMPT)
@@ -303,6 +305,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "warmup_s": warmup_s,
             "prompt": PROMPT,
             "frame_wait_ms": float(frame_wait_ms),
+            "speculative_decoding": bool(speculative),
+            "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             **figures,
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
