@@ -124,6 +124,48 @@ def segment_caller(client: Client) -> Callable[..., Any]:
     return lambda req, timeout=60.0: client.call(cli, req, timeout)
 
 
+def parameter_setter(client: Client, node_name: str = "pixel_sail") -> Callable[[str, Any], None]:
+    """``set(name, value)`` on the running node through its set_parameters service; a refusal fails the test."""
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    cli = client.node.create_client(SetParameters, f"{node_name}/set_parameters")
+    assert client.spin_until(cli.service_is_ready, 20), "set_parameters service never appeared"
+
+    def set_parameter(name: str, value: Any) -> None:
+        res = client.call(cli, SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()]))
+        assert res.results[0].successful, res.results[0].reason
+
+    return set_parameter
+
+
+class DiagnosticsReader:
+    """The node's /diagnostics key-values, as they arrive."""
+
+    def __init__(self, client: Client, status_suffix: str = "pixel_sail: inference") -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self._client, self._suffix = client, status_suffix
+        self._statuses: list[tuple[float, dict[str, str]]] = []
+        client.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_array, 10)
+
+    def _on_array(self, msg: Any) -> None:
+        stamp = msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
+        self._statuses += [(stamp, {kv.key: kv.value for kv in s.values}) for s in msg.status
+                           if s.name.endswith(self._suffix)]
+
+    def latest(self) -> dict[str, str]:
+        return self._statuses[-1][1] if self._statuses else {}
+
+    def after(self, wall_time: float, timeout: float = 15.0) -> dict[str, str]:
+        """The first status stamped after ``wall_time`` (time.time()), waiting for it."""
+        def fresh() -> list[dict[str, str]]:
+            return [values for stamp, values in self._statuses if stamp > wall_time]
+
+        assert self._client.spin_until(lambda: bool(fresh()), timeout), "no fresh /diagnostics"
+        return fresh()[0]
+
+
 def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
     msg = numpy_to_image(rgb, "rgb8")
     msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id

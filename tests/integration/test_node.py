@@ -15,7 +15,6 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import Point, PointStamped  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rcl_interfaces.srv import DescribeParameters, ListParameters  # noqa: E402
@@ -33,7 +32,8 @@ from pixel_sail_ros.srv import Segment  # noqa: E402
 from pixel_sail_ros.training import shapesref  # noqa: E402
 
 from .node_harness import (  # noqa: E402
-    Client, NodeProcess, active_node, image_msg, iou, mono8_mask, outputs_3d_for, segment_caller,
+    Client, DiagnosticsReader, NodeProcess, active_node, image_msg, iou, mono8_mask, outputs_3d_for, parameter_setter,
+    segment_caller,
 )
 
 SEED = 424242  # ShapesRef scenes no training run used (the bundled model trains on other seeds)
@@ -414,19 +414,14 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
     for i in range(3):
         pub_img.publish(image_msg(frame.rgb, 10 + i))
         client.spin_until(lambda: False, 0.05)
-    msgs: list[DiagnosticArray] = []
-    client.node.create_subscription(DiagnosticArray, "/diagnostics", msgs.append, 10)
-
-    def latest() -> dict[str, str]:
-        sts = [s for m in msgs for s in m.status if s.name.endswith("pixel_sail: inference")]
-        return {kv.key: kv.value for kv in sts[-1].values} if sts else {}
+    diagnostics = DiagnosticsReader(client)
 
     def counted() -> bool:
-        v = latest()
+        v = diagnostics.latest()
         return bool(v) and int(v["results"]) >= 1 and int(v["errors"]) >= 1 and int(v["frames_received"]) >= 1
 
-    assert client.spin_until(counted, 15), latest()
-    values = latest()
+    assert client.spin_until(counted, 15), diagnostics.latest()
+    values = diagnostics.latest()
     for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "frames_rejected",
                 "frames_lost_in_transport", "transport_loss_counted", "latency_ms_p50", "output_rate_hz"):
         assert key in values, key
@@ -441,17 +436,11 @@ def test_a_stale_latest_frame_is_refused_for_clicks_and_service_calls(client: Cl
                                                                       segment) -> None:
     """A grasp must not act on where things were before the camera stopped: past max_frame_age_s the latest frame
     is refused with an error that says how old it is; a fresh frame is served again."""
-    from rcl_interfaces.msg import Parameter as ParameterMsg, ParameterType, ParameterValue
-    from rcl_interfaces.srv import SetParameters
-
     n = client.node
-    setter = n.create_client(SetParameters, "pixel_sail/set_parameters")
-    assert client.spin_until(setter.service_is_ready, 20)
+    set_parameter = parameter_setter(client)
 
     def set_max_age(seconds: float) -> None:
-        value = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=seconds)
-        res = client.call(setter, SetParameters.Request(parameters=[ParameterMsg(name="max_frame_age_s", value=value)]))
-        assert res.results[0].successful, res.results[0].reason
+        set_parameter("max_frame_age_s", float(seconds))
 
     pub_img = n.create_publisher(Image, "image", qos_profile_sensor_data)
     pub_click = n.create_publisher(PointStamped, "click", 10)
@@ -475,6 +464,31 @@ def test_a_stale_latest_frame_is_refused_for_clicks_and_service_calls(client: Cl
         assert resp.success and resp.result.header.stamp.sec == 88, resp.message
     finally:
         set_max_age(30.0)
+
+
+def test_speculative_decoding_can_be_switched_off_at_run_time(client: Client, node: NodeProcess, segment) -> None:
+    """speculative_decoding applies to the next request: off, answers are not drafted; on again, they are."""
+    set_parameter = parameter_setter(client)
+    diagnostics = DiagnosticsReader(client)
+    frame = render_frame(SEED, 5, 160, 120)
+
+    def drafted_tokens() -> int:
+        return int(diagnostics.after(time.time())["draft_tokens_accepted"].split(" of ")[1])
+
+    def ask(stamp: int) -> None:
+        resp = segment(Segment.Request(image=image_msg(frame.rgb, stamp), text="green square"))
+        assert resp.success, resp.message
+
+    set_parameter("speculative_decoding", False)
+    try:
+        before = drafted_tokens()
+        ask(51)
+        ask(52)
+        assert drafted_tokens() == before
+    finally:
+        set_parameter("speculative_decoding", True)
+    ask(53)
+    assert drafted_tokens() > before
 
 
 def test_every_parameter_is_declared_with_a_description(client: Client, node: NodeProcess) -> None:
