@@ -22,13 +22,13 @@ import torch
 from .model.modeling_pixel_sail import PixelSailAnswer, PixelSailForConditionalGeneration, PixelSailPrefix
 from .model.static_decoding import StaticDecoding
 from .model.processing_pixel_sail import (
+    SEG_ANSWER,
     ImageInputs,
     PixelSailProcessor,
     refer_describe_question,
     refer_seg_question,
     vp_describe_question,
     vp_seg_question,
-    SEG_ANSWER,
 )
 
 from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES, DTYPE_NAMES  # noqa: E402 (one definition, shared with the light tools)
@@ -292,7 +292,7 @@ class PixelSailEngine:
             _remember(self._previous_answers, question, answer.token_ids, 512)
         stats = self.draft_stats
         stats["answers"] += 1
-        stats["drafted_tokens"] += len(draft or ())
+        stats["drafted_tokens"] += min(len(draft or ()), self.max_new_tokens)  # generate_answer cuts it there
         stats["accepted_tokens"] += answer.draft_accepted
         stats["passes"] += answer.passes
         return answer
