@@ -760,30 +760,26 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         seg_probs = [torch.ones((), device=device) for t in tokens if t == seg_id]
         step_logits: list[torch.Tensor] = []
         new_tokens, stopped, passes, accepted = 0, False, 0, 0
-        finished = False
-        while not finished:
+        while True:
             q, guessed = len(chunk), len(draft)
             hidden, rows = cache.step(chunk, past, position, logits_to_keep=guessed + 1)
             passes += 1
-            kept = q  # chunk tokens whose cache entries (and hidden states) stand
-            next_id = None
+            next_id = None  # a token chosen but not fed yet; None: the answer is over
             for j in range(guessed + 1):  # row j chooses the token after chunk[q - guessed - 1 + j]
                 if j and new_tokens >= max_new_tokens and draft[j - 1] != seg_id:
-                    kept, finished = q - guessed + j, True  # as without a draft: no pass after the last token
-                    break
+                    break  # as without a draft: no pass after the last token
                 fed = chunk[: q - guessed] if j == 0 else [draft[j - 1]]
                 logits = rows[j]
                 if logits_processor is not None:
                     logits = logits_processor(fed, logits)
                 if new_tokens >= max_new_tokens:
-                    kept, finished = q - guessed + j, True
                     break
                 logits = logits.float()
                 if return_logits:
                     step_logits.append(logits.clone())
                 choice = int(logits.argmax())
                 if choice in stops:
-                    kept, finished, stopped = q - guessed + j, True, True
+                    stopped = True
                     break
                 if choice == seg_id:
                     seg_probs.append(logits.softmax(-1)[choice])
@@ -792,11 +788,12 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
                 if j < guessed and choice == draft[j]:
                     accepted += 1
                     continue
-                kept, next_id = q - guessed + j, choice
+                next_id = choice
                 break
+            kept = q - guessed + j  # chunk tokens whose cache entries (and hidden states) stand
             # clones: a graph-replayed step's outputs are overwritten by the next step
             seg_states += [hidden[i].clone() for i in range(answer_start, kept) if chunk[i] == seg_id]
-            if finished:
+            if next_id is None:
                 break
             past, position = past + kept, position + kept
             if kept < q:
