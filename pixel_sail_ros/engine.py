@@ -292,7 +292,7 @@ class PixelSailEngine:
             _remember(self._previous_answers, question, answer.token_ids, 512)
         stats = self.draft_stats
         stats["answers"] += 1
-        stats["drafted_tokens"] += min(len(draft or ()), self.max_new_tokens)  # generate_answer cuts it there
+        stats["drafted_tokens"] += answer.drafted
         stats["accepted_tokens"] += answer.draft_accepted
         stats["passes"] += answer.passes
         return answer

@@ -108,7 +108,8 @@ class PixelSailAnswer:
     stopped: bool  # ended on a stop token (False: max_new_tokens reached)
     step_logits: torch.Tensor | None = None  # (steps, vocab), when asked for
     passes: int = 0  # decoder passes the answer took (a fully accepted draft: one)
-    draft_accepted: int = 0  # how many of the draft's tokens greedy decoding confirmed
+    drafted: int = 0  # how many draft tokens were fed with the question (the draft, cut at max_new_tokens)
+    draft_accepted: int = 0  # how many of them greedy decoding confirmed
 
 
 class PixelSailChannelNorm(nn.Module):
@@ -753,7 +754,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             raise ValueError("prompt_ids is empty")
         tokens = [int(t) for t in (answer_prefix_ids if answer_prefix_ids is not None else ())]
         draft = [int(t) for t in (draft_ids if draft_ids is not None else ())][:max(max_new_tokens, 0)]
-        chunk, answer_start = prompt + tokens + draft, len(prompt)
+        chunk, answer_start, drafted = prompt + tokens + draft, len(prompt), len(draft)
         cache = self._answer_cache(prefix, len(chunk) + max_new_tokens + 1)
         past, position = prefix.length, prefix.next_position
         seg_states: list[torch.Tensor] = []
@@ -821,6 +822,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             stopped=stopped,
             step_logits=torch.stack(step_logits) if step_logits else None,
             passes=passes,
+            drafted=drafted,
             draft_accepted=accepted,
         )
 

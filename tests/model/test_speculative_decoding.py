@@ -67,6 +67,7 @@ def test_a_wrong_draft_is_cut_where_greedy_disagrees(model, prefix_and_question,
     draft += [5, 6, 7]  # longer than max_new_tokens: cut to it
     drafted, drafted_calls = _answer(model, prefix, question, draft=draft)
     assert drafted.token_ids == plain.token_ids and drafted.draft_accepted == wrong_at
+    assert drafted.drafted == MAX and plain.drafted == 0  # the draft was cut at max_new_tokens
     # the accepted tokens cost no pass of their own; the rest decode one at a time after the rejected guess
     assert drafted.passes == plain.passes - wrong_at
     assert drafted_calls == plain_calls
