@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model.compiled_image import CompiledImagePasses
 from .model.modeling_pixel_sail import PixelSailAnswer, PixelSailForConditionalGeneration, PixelSailPrefix
 from .model.static_decoding import StaticDecoding
 from .model.processing_pixel_sail import (
@@ -111,6 +112,7 @@ class PixelSailEngine:
         mask_threshold: float = 0.5,
         decoding: str = "auto",
         speculative: bool = True,
+        compile_image: bool = False,
     ) -> None:
         """``decoding``: "dynamic" (a growing KV cache per answer), "static" (one fixed-size cache reused across
         frames), "compiled" (static, each one-token step through ``torch.compile``: the first answers pay the
@@ -121,7 +123,11 @@ class PixelSailEngine:
         ``speculative``: draft each answer from the same question's previous answer ("It is [SEG]." for a
         segmentation question not asked yet) and let greedy decoding verify the draft in one pass
         (``generate_answer(draft_ids=...)``). The answers are the greedy ones either way; a right draft saves
-        all but one of the answer's decoder passes, a wrong one costs a few extra tokens in the first pass."""
+        all but one of the answer's decoder passes, a wrong one costs a few extra tokens in the first pass.
+
+        ``compile_image``: run the image prefix and the pixel decoder through ``torch.compile``
+        (:class:`~.model.compiled_image.CompiledImagePasses`): the first request at each new image grid pays the
+        compilation (tens of seconds on a small CPU); the answers match eager ones to float rounding."""
         self.model = model.eval()
         self.processor = processor
         self.logits_processor: Any = None  # passed to generate_answer (the benchmarks script answers with it)
@@ -135,6 +141,8 @@ class PixelSailEngine:
         self.decoding = resolve_decoding(decoding, self.device)
         self._static = static_decoding_for(self.model, self.decoding)
         self.speculative = bool(speculative)
+        self.compile_image = bool(compile_image)
+        self._compiled = CompiledImagePasses.of(self.model) if self.compile_image else None
         self._seg_answer_ids = processor.tokenizer.encode(SEG_ANSWER, add_special_tokens=False)
         self._previous_answers: OrderedDict[str, list[int]] = OrderedDict()  # question → its last answer's tokens
         self.draft_stats = {"answers": 0, "drafted_tokens": 0, "accepted_tokens": 0, "passes": 0}
@@ -150,6 +158,7 @@ class PixelSailEngine:
         mask_threshold: float = 0.5,
         decoding: str = "auto",
         speculative: bool = True,
+        compile_image: bool = False,
     ) -> PixelSailEngine:
         """Load a checkpoint directory (None = the bundled ShapesRef model) onto a device, in a dtype."""
         directory = Path(path) if path is not None else BUNDLED_CHECKPOINT
@@ -171,7 +180,7 @@ class PixelSailEngine:
         model.to(torch_device)
         processor = PixelSailProcessor.from_pretrained(directory)
         return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, decoding=decoding,
-                   speculative=speculative)
+                   speculative=speculative, compile_image=compile_image)
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +196,7 @@ class PixelSailEngine:
         self._prefix_statics.clear()
         self._previous_answers.clear()
         self._static = None
+        self._compiled = None
         self.model = None  # type: ignore[assignment]
         if on_cuda:
             torch.cuda.empty_cache()
@@ -271,7 +281,7 @@ class PixelSailEngine:
             visual_prompt_ids = self.processor.prefix_prompt_ids(inputs.grid_hw, prompt_map).view(1, -1).to(self.device)
         return self.model.prefill(
             pixel_values=inputs.pixel_values.to(self.dtype).unsqueeze(0), visual_prompt_ids=visual_prompt_ids,
-            decoding=self._static, **statics,
+            decoding=self._static, compiled=self._compiled, **statics,
         )
 
     def _prefix_static_inputs(self, inputs: ImageInputs) -> dict[str, torch.Tensor]:

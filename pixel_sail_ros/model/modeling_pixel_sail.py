@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, StaticCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 from transformers.utils import ModelOutput
 
+from .compiled_image import CompiledImagePasses
 from .configuration_pixel_sail import PixelSailConfig
 from .rotary import InterleavedMRotaryEmbedding
 from .static_decoding import StaticDecoding
@@ -449,7 +450,9 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         dot product with it is the place term of that query's mask logits."""
         if self.pixel_position_embed is None:
             raise ValueError("this model has no pixel positions (config.pixel_positions)")
-        return self.pixel_position_embed(grid_position_features(h, w, device).to(dtype))
+        # traced by torch.compile, the cache wrapper is skipped (and warned about): call the function itself there
+        grid = grid_position_features.__wrapped__ if torch.compiler.is_compiling() else grid_position_features
+        return self.pixel_position_embed(grid(h, w, device).to(dtype))
 
     def stride_cells(self, patches: torch.Tensor) -> torch.Tensor:
         """(n, h, w, 3·P·P) patches (channel, row, column order) → (n, h·P/s, w·P/s, 3·s·s): each mask cell's pixels."""
@@ -508,6 +511,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         output_mask_logits: bool = True,
         logits_to_keep: int = 0,
         visual_prompt_features: torch.Tensor | None = None,
+        text_model: Callable | None = None,
     ) -> PixelSailOutput:
         """One pass of the single transformer (contract: docs/DEVELOPING.md "Model forward").
 
@@ -524,6 +528,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             logits_to_keep: compute LM logits for the last n positions only (0 = all).
             visual_prompt_features: (B, K, hidden) pooled prompts from an earlier prefix, added at the
                 ``<Prompt k>`` tokens (only models that pool prompts: ``config.pools_visual_prompts``).
+            text_model: what runs the decoder layers (default ``self.model``; ``prefill`` passes a compiled one).
         """
         batch, length = input_ids.shape
         static = isinstance(past_key_values, StaticCache)  # a prefill into StaticDecoding's cache
@@ -554,7 +559,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         if visual_prompt_features is not None:
             embeds = self.place_visual_prompts(embeds, input_ids, visual_prompt_features)
         with _attention_kernels(embeds):
-            decoded = self.model(
+            decoded = (text_model or self.model)(
                 inputs_embeds=embeds,
                 attention_mask=self._backend_mask(attention_mask, embeds.dtype),
                 position_ids=position_ids,
@@ -649,11 +654,13 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         attention_mask: torch.Tensor,
         visual_prompt_ids: torch.LongTensor | None = None,
         decoding: StaticDecoding | None = None,
+        compiled: CompiledImagePasses | None = None,
     ) -> PixelSailPrefix:
         """Run one image prefix (batch 1, <vision>…</vision>, bidirectional) into a fresh KV cache.
 
         With ``decoding``, the prefix goes into its reusable static cache (and answers decode there, on CUDA
-        from a graph); that cache holds one prefix at a time, so a later prefill retires this one.
+        from a graph); that cache holds one prefix at a time, so a later prefill retires this one. With
+        ``compiled`` (``CompiledImagePasses.of(self)``), the prefix and, later, the pixel decoder run compiled.
         """
         if input_ids.shape[0] != 1:
             raise ValueError("prefill takes one image (batch size 1)")
@@ -675,6 +682,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             use_cache=True,
             output_mask_logits=False,  # the pixel decoder runs lazily, on the first [SEG] (PixelSailPrefix)
             logits_to_keep=1,
+            text_model=compiled.text_model if compiled is not None else None,
         )
         is_patch = input_ids[0] == self.config.vision_patch_token_id
         h, w = (int(v) for v in image_grid_hw[0])
@@ -688,7 +696,8 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
             length=length,
             next_position=int(position_ids.max()) + 1,
-            decoder=partial(self.decode_pixel_features, patches=self._skip_patches(pixel_values, [0], h, w)),
+            decoder=partial(compiled.pixel_decoder if compiled is not None else self.decode_pixel_features,
+                            patches=self._skip_patches(pixel_values, [0], h, w)),
             visual_prompt_features=out.visual_prompt_features,
             decoding=decoding,
             decoding_generation=decoding.begin_prefix() if decoding is not None else 0,

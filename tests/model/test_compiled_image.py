@@ -1,0 +1,80 @@
+"""compile_image: the image prefix and the pixel decoder really run compiled, once per image grid, and change no
+answer, mask or score beyond float rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pixel_sail_ros.engine import PixelSailEngine
+from pixel_sail_ros.model.compiled_image import CompiledImagePasses
+from pixel_sail_ros.training.shapesref import ShapesRefGenerator, describe
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def _requests(n: int, side: int):
+    """ShapesRef scenes of one size (one patch grid), each with a phrase, a click and a box, described."""
+    gen = ShapesRefGenerator(seed=43, min_side=side, max_side=side)
+    for i in range(n):
+        scene = gen.scene(i)
+        first = scene.objects[0]
+        yield scene.image, {"text": describe(scene.objects[-1]), "points": [first.centroid], "boxes": [first.box],
+                            "describe": True}
+
+
+def _assert_same(a, b) -> None:
+    assert a.answers == b.answers and a.labels == b.labels and a.description == b.description
+    assert a.masks.shape == b.masks.shape and (a.masks == b.masks).mean() > 0.999
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    eager = PixelSailEngine.from_pretrained(None, device="cpu")
+    return eager, PixelSailEngine(eager.model, eager.processor, compile_image=True)
+
+
+@pytest.mark.slow
+def test_compiled_image_passes_answer_like_eager_and_compile_once_per_grid(engines):
+    eager, compiled = engines
+    assert eager._compiled is None and isinstance(compiled._compiled, CompiledImagePasses)
+    requests = list(_requests(3, 320))
+    before = _graphs()
+    image, request = requests[0]
+    _assert_same(eager.segment(image, **request), compiled.segment(image, **request))
+    first = _graphs()
+    assert first - before == 2  # the decoder over the prefix, and the pixel decoder: one graph each
+    for image, request in requests[1:]:
+        _assert_same(eager.segment(image, **request), compiled.segment(image, **request))
+    assert _graphs() == first  # the same grid again: nothing recompiled
+
+
+@pytest.mark.slow
+def test_a_new_image_size_compiles_again_and_still_matches(engines):
+    eager, compiled = engines
+    image, request = next(_requests(1, 320))
+    compiled.segment(image, **request)  # this grid is compiled (here or by the test before)
+    before = _graphs()
+    wide = np.ascontiguousarray(np.concatenate([image, image], axis=1))  # 320×640: another patch grid
+    assert eager.processor.preprocess_image(wide).grid_hw != eager.processor.preprocess_image(image).grid_hw
+    _assert_same(eager.segment(wide, text=request["text"]), compiled.segment(wide, text=request["text"]))
+    assert _graphs() - before == 2
+
+
+def test_prefill_with_compiled_passes_gives_the_eager_prefix(model, processor, image_factory):
+    """The model API: prefill(compiled=...) keeps the prefix's cache, patch states and pixel features."""
+    inputs = processor.preprocess_image(image_factory(96, 128, seed=5))
+    batch = processor.prefix_inputs(inputs, None)
+    passes = CompiledImagePasses.of(model)
+    with torch.no_grad():
+        eager, fast = model.prefill(**batch), model.prefill(**batch, compiled=passes)
+        torch.testing.assert_close(fast.vision_tokens, eager.vision_tokens, rtol=1e-4, atol=1e-4)
+        for a, b in zip(eager.past_key_values.layers, fast.past_key_values.layers):
+            torch.testing.assert_close(b.keys, a.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast.pixel_features, eager.pixel_features, rtol=1e-4, atol=1e-4)
+        assert fast.length == eager.length and fast.next_position == eager.next_position
