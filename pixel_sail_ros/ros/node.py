@@ -250,13 +250,17 @@ class PixelSailNode(LifecycleNode):
 
             torch.set_num_threads(self.p("num_threads"))
         t0 = time.monotonic()
-        engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"), decoding=self.p("decoding"))
+        engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"), decoding=self.p("decoding"),
+                                                 compile_image=self.p("compile_image"))
         self._engine = engine
         self._device_desc = f"{engine.device} ({str(engine.dtype).replace('torch.', '')})"
         self._model_desc = path or "bundled shapesref_tiny"
         if device == "auto" and str(engine.device) == "cpu":
             log_warning(self.get_logger(), "device:=auto found no usable CUDA GPU: running on the CPU")
         self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
+        if engine.compile_image:
+            self.get_logger().info("compile_image: the first frame of each image size compiles the image passes "
+                                   "(tens of seconds on a small CPU)")
 
     def _release_engine(self) -> None:
         with self._engine_lock:

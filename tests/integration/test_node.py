@@ -491,6 +491,22 @@ def test_speculative_decoding_can_be_switched_off_at_run_time(client: Client, no
     assert drafted_tokens() > before
 
 
+@pytest.mark.slow
+def test_a_node_with_compiled_image_passes_answers_like_the_model(ns: str, model_dir: str, reference) -> None:
+    """compile_image:=true reaches the engine (its log line), and the compiled node answers what the eager model
+    in this process answers: the first call waits for the compilation."""
+    with active_node(ns + "_compiled", {"model_path": model_dir, "device": "cpu", "compile_image": True},
+                     "compiled_client") as (c, proc):
+        assert proc.wait_for_log("compile_image: the first frame of each image size compiles", 5), proc.output
+        call = segment_caller(c)
+        for index in (3, 4):  # the second frame reuses the first one's compiled passes (same size)
+            frame = render_frame(SEED, index)
+            text = shapesref.expressions(frame.scene, np.random.default_rng(index))[0].text
+            resp = call(Segment.Request(image=image_msg(frame.rgb, 300 + index), text=text), timeout=240.0)
+            assert resp.success, resp.message
+            assert_same_answer(resp.result, reference.segment(frame.rgb, text=text), frame.rgb.shape[:2])
+
+
 def test_every_parameter_is_declared_with_a_description(client: Client, node: NodeProcess) -> None:
     n = client.node
     lst = n.create_client(ListParameters, "pixel_sail/list_parameters")
