@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and node suites: draft each segmentation answer from the standing prompt's previous "
                         "answer, verified in one pass (the engine's speculative / the node's speculative_decoding; "
                         "default: on, as they are)")
+    p.add_argument("--compile-image", default="off", choices=("on", "off"),
+                   help="model and node suites: run the image prefix and the pixel decoder through torch.compile (the "
+                        "engine's compile_image / the node's parameter; the warm-up pays the compilation; default: "
+                        "off, as they are)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
@@ -107,7 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         doc["model"] = model_bench.run(presets=_presets(args.presets), model_path=args.model_path,
                                        device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
-                                       decoding=args.decoding, speculative=args.speculative == "on")
+                                       decoding=args.decoding, speculative=args.speculative == "on",
+                                       compile_image=args.compile_image == "on")
     if args.suite == "train":
         from . import train_bench
 
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
                                      seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
-                                     speculative=args.speculative == "on")
+                                     speculative=args.speculative == "on", compile_image=args.compile_image == "on")
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

@@ -8,6 +8,7 @@ so a random-weight model decodes exactly as many steps as a trained one ("It is 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pixel_sail_ros.engine import PixelSailEngine, resolve_decoding, static_decoding_for
+from pixel_sail_ros.model.compiled_image import CompiledImagePasses
 from pixel_sail_ros.model.static_decoding import StaticDecoding
 
 from . import flops
@@ -75,7 +77,8 @@ def bench_image(width: int, height: int) -> np.ndarray:
 
 
 class DecoderTimer:
-    """Times the decoder stack (``model.model``) with forward hooks, only while ``armed`` (the prefill)."""
+    """Times the decoder stack (``model.model``) with forward hooks, only while ``armed`` (the prefill); a compiled
+    decoder is called without the module's hooks, so it is timed through :meth:`wrap`."""
 
     def __init__(self, model: Any, sync: Callable[[], None]) -> None:
         self._module, self._sync = model.model, sync
@@ -94,6 +97,16 @@ class DecoderTimer:
             self._sync()
             self.seconds.append(time.perf_counter() - self._t0)
 
+    def wrap(self, decoder: Callable[..., Any]) -> Callable[..., Any]:
+        """``decoder`` (e.g. a compiled ``model.model.forward``), timed like the hooked module."""
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._pre()
+            out = decoder(*args, **kwargs)
+            self._post()
+            return out
+
+        return timed
+
     def __enter__(self) -> DecoderTimer:
         self._handles = [self._module.register_forward_pre_hook(self._pre),
                          self._module.register_forward_hook(self._post)]
@@ -106,9 +119,11 @@ class DecoderTimer:
 
 def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], script: ScriptedAnswers,
                  decoder: Optional[DecoderTimer] = None, decoding: Optional[StaticDecoding] = None,
-                 draft: Optional[Sequence[int]] = None) -> dict[str, float]:
+                 draft: Optional[Sequence[int]] = None,
+                 compiled: Optional[CompiledImagePasses] = None) -> dict[str, float]:
     """One referring-segmentation request through the model API; seconds per stage (and the answer's decoder
-    passes). ``draft``: the answer's draft, as the engine drafts a standing prompt from its previous answer."""
+    passes). ``draft``: the answer's draft, as the engine drafts a standing prompt from its previous answer;
+    ``compiled``: the image passes compiled, as the engine's ``compile_image``."""
     model, proc, dev = subject.model, subject.processor, subject.device
     sync()
     t0 = time.perf_counter()
@@ -119,7 +134,7 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], sc
     t1 = time.perf_counter()
     if decoder is not None:
         decoder.armed = True
-    prefix = model.prefill(**batch, decoding=decoding)
+    prefix = model.prefill(**batch, decoding=decoding, compiled=compiled)
     sync()
     t2 = time.perf_counter()
     if decoder is not None:
@@ -138,12 +153,13 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], sc
 
 
 def describe_tokens_per_s(subject: Subject, rgb: np.ndarray, tokens: int, repeats: int, sync: Callable[[], None],
-                          script: ScriptedAnswers, decoding: Optional[StaticDecoding] = None) -> float:
+                          script: ScriptedAnswers, decoding: Optional[StaticDecoding] = None,
+                          compiled: Optional[CompiledImagePasses] = None) -> float:
     """Decode speed: (N−1) tokens ÷ (time for N − time for 1), so the question chunk and cache copy cancel."""
     model, proc, dev = subject.model, subject.processor, subject.device
     batch = proc.prefix_inputs(proc.preprocess_image(rgb, device=dev), None, device=dev)
     batch["pixel_values"] = batch["pixel_values"].to(subject.dtype)
-    prefix = model.prefill(**batch, decoding=decoding)
+    prefix = model.prefill(**batch, decoding=decoding, compiled=compiled)
     stops = (subject.config.eos_token_id, subject.config.im_end_token_id)
 
     def run(n: int) -> float:
@@ -199,9 +215,10 @@ class MatmulProbe:
 
 
 def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, script: ScriptedAnswers,
-                           decoding: str, speculative: bool = True) -> list[float]:
+                           decoding: str, speculative: bool = True, compile_image: bool = False) -> list[float]:
     """engine.segment (what the node calls) with the same scripted answer; needs the real tokenizer."""
-    engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding, speculative=speculative)
+    engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding, speculative=speculative,
+                             compile_image=compile_image)
     engine.logits_processor = script
     times = []
     for _ in range(repeats + 1):
@@ -214,11 +231,12 @@ def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, scri
 
 
 def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto",
-             speculative: bool = True) -> dict[str, Any]:
+             speculative: bool = True, compile_image: bool = False) -> dict[str, Any]:
     """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory.
 
     ``speculative``: segmentation answers are drafted, as the engine drafts a standing prompt's answer from the
     previous frame's ("It is [SEG]." again); descriptions are timed without a draft (tokens/s of plain decoding).
+    ``compile_image``: the prefix and the pixel decoder run compiled (the warm-up requests pay the compilation).
     """
     dev, dtype, config = subject.device, subject.dtype, subject.config
     mode = resolve_decoding(decoding, dev)
@@ -239,19 +257,24 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
     with PeakRSS() as rss, torch.inference_mode():
         script = ScriptedAnswers(answer, config.im_start_token_id, subject.filler_id)
         with DecoderTimer(subject.model, sync) as dec:
+            compiled = None
+            if compile_image:
+                passes = CompiledImagePasses.of(subject.model)
+                compiled = dataclasses.replace(passes, text_model=dec.wrap(passes.text_model))
             for i in range(budget.warmup + budget.repeats):
-                r = segment_once(subject, rgb, sync, script, dec, static, draft)
+                r = segment_once(subject, rgb, sync, script, dec, static, draft, compiled)
                 if i >= budget.warmup:
                     runs.append(r)
                     probe.sample()
             decoder_s = dec.seconds[budget.warmup:]
         filler = ScriptedAnswers(fixed_answer([]), config.im_start_token_id, subject.filler_id)
-        tps = describe_tokens_per_s(subject, rgb, budget.describe_tokens, budget.describe_repeats, sync, filler, static)
+        tps = describe_tokens_per_s(subject, rgb, budget.describe_tokens, budget.describe_repeats, sync, filler, static,
+                                    compiled)
         engine_s: list[float] = []
         if subject.engine_processor is not None:
             try:
                 engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2), script, mode,
-                                                  speculative)
+                                                  speculative, compile_image)
             except Exception as exc:  # noqa: BLE001 - the engine is optional here; say why it is missing
                 log.warning("engine.segment could not be benchmarked: %s: %s", type(exc).__name__, exc)
     mm = percentile(probe.gflops, 50)
@@ -275,6 +298,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         "attention": subject.model.model.config._attn_implementation,
         "decoding": mode,
         "speculative": speculative,
+        "compile_image": compile_image,
         "answer_passes": max(r["passes"] for r in runs),  # decoder passes of "It is [SEG]." after the prefix
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": len(runs),
@@ -340,7 +364,7 @@ def _free(subject: Optional[Subject]) -> None:
 
 def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = None, device: str = "auto",
         dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None,
-        decoding: str = "auto", speculative: bool = True) -> list[dict[str, Any]]:
+        decoding: str = "auto", speculative: bool = True, compile_image: bool = False) -> list[dict[str, Any]]:
     """The model suite: one entry per (preset, resolution, device), models loaded once per (preset, device)."""
     cases = plan_cases(presets, device, torch.cuda.is_available())
     entries: list[dict[str, Any]] = []
@@ -360,7 +384,7 @@ def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = N
         assert subject is not None
         budget = budget_for(case.preset, case.device, quick, repeats)
         t0 = time.perf_counter()
-        entry = run_case(subject, *case.resolution, budget, decoding, speculative)
+        entry = run_case(subject, *case.resolution, budget, decoding, speculative, compile_image)
         log.info("%s %dx%d on %s: prefix p50 %.1f ms, segment p50 %.1f ms, efficiency %s (%.1f s)", case.preset,
                  *case.resolution, case.device, entry["prefix_ms_p50"], entry["segment_ms_p50"], entry["efficiency"],
                  time.perf_counter() - t0)

@@ -35,6 +35,7 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
         assert e["preset"] == "tiny" and e["device"] == "cpu" and e["dtype"] == "float32"
         assert e["weights"] in ("path", "bundled")
         assert e["speculative"] is True and e["answer_passes"] == 1  # "It is [SEG]." drafted, verified at once
+        assert e["compile_image"] is False
         for key in POSITIVE:
             assert e[key] is not None and e[key] > 0, (key, e[key])
         assert 0 < e["efficiency"] <= 1.5, e
@@ -49,6 +50,19 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
         # achieved FLOP/s is the counted prefill work over the measured prefill time
         assert e["achieved_gflops"] == pytest.approx(e["prefill_gflop"] / (e["prefix_ms_p50"] / 1000), rel=0.02)
         assert e["peak_memory_kind"] == "process_rss" and 50 < e["peak_memory_mb"] < 16000
+
+
+@pytest.mark.slow
+def test_model_suite_with_compiled_image_passes_times_them(bench_model_dir: str) -> None:
+    """--compile-image on: the compiled decoder is still timed (it bypasses the module's hooks), the scripted
+    answer still yields its mask (the suite raises otherwise), and the engine figure is there."""
+    code, doc, err = run_bench("--suite", "model", "--json", "--quick", "--presets", "tiny", "--compile-image", "on",
+                               "--device", "cpu", "--model-path", bench_model_dir, timeout=400)
+    assert code == 0, err[-3000:]
+    for e in doc["model"]:
+        assert e["compile_image"] is True and e["answer_passes"] == 1
+        assert 0 < e["decoder_ms_p50"] <= e["prefix_ms_p50"] < e["segment_ms_p50"], e
+        assert e["engine_segment_ms_p50"] is not None and e["engine_segment_ms_p50"] > 0
 
 
 def test_cli_rejects_bad_arguments_with_a_json_error() -> None:
