@@ -81,6 +81,7 @@ class PixelSailPrefix:
     visual_prompt_features: torch.Tensor | None = None  # (1, K, hidden), only when config.pools_visual_prompts
     decoding: StaticDecoding | None = field(default=None, repr=False)  # holder of the static cache, if any
     decoding_generation: int = 0  # which of its prefills this is (a later one overwrites the cache)
+    first_turn: _FirstTurn | None = field(default=None, repr=False)  # a turn read with the image (prefill)
     _pixel_features: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -99,6 +100,16 @@ class PixelSailPrefix:
 
 
 @dataclass
+class _FirstTurn:
+    """The start of the first answer's turn, read in the prefix's own decoder pass (``prefill(first_turn_ids=...)``):
+    its tokens, their last-layer states and the logits of its last rows. Its cache entries follow the prefix's."""
+
+    token_ids: list[int]
+    hidden: torch.Tensor  # (q, C)
+    logits: torch.Tensor  # (logits_to_keep, V)
+
+
+@dataclass
 class PixelSailAnswer:
     """One greedy answer after a prefix: its tokens (stop token excluded) and the masks of its [SEG] tokens."""
 
@@ -109,6 +120,7 @@ class PixelSailAnswer:
     stopped: bool  # ended on a stop token (False: max_new_tokens reached)
     step_logits: torch.Tensor | None = None  # (steps, vocab), when asked for
     passes: int = 0  # decoder passes the answer took (a fully accepted draft: one)
+    with_prefix: bool = False  # its first pass was the prefix's own (prefill's first_turn_ids)
     drafted: int = 0  # how many draft tokens were fed with the question (the draft, cut at max_new_tokens)
     draft_accepted: int = 0  # how many of them greedy decoding confirmed
 
@@ -655,21 +667,40 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         visual_prompt_ids: torch.LongTensor | None = None,
         decoding: StaticDecoding | None = None,
         compiled: CompiledImagePasses | None = None,
+        first_turn_ids: Sequence[int] | None = None,
+        first_turn_logits: int = 1,
     ) -> PixelSailPrefix:
         """Run one image prefix (batch 1, <vision>…</vision>, bidirectional) into a fresh KV cache.
 
         With ``decoding``, the prefix goes into its reusable static cache (and answers decode there, on CUDA
         from a graph); that cache holds one prefix at a time, so a later prefill retires this one. With
         ``compiled`` (``CompiledImagePasses.of(self)``), the prefix and, later, the pixel decoder run compiled.
+
+        ``first_turn_ids`` (the first answer's question, plus any forced or drafted answer tokens, exactly as
+        ``generate_answer`` will feed them): read after the image in the same decoder pass, causally, keeping
+        the logits of its last ``first_turn_logits`` tokens. The first ``generate_answer`` on this prefix with
+        that chunk then starts from them instead of a pass of its own: one decoder pass fewer per request (for a
+        standing prompt with a right draft, the whole answer comes out of the prefix's pass). A turn holding a
+        ``<vpatch>`` token (a wandering draft) is not read here: in the prefix that token is an image slot.
         """
         if input_ids.shape[0] != 1:
             raise ValueError("prefill takes one image (batch size 1)")
         length = input_ids.shape[1]
+        next_position = int(position_ids.max()) + 1
+        turn = [int(t) for t in first_turn_ids] if first_turn_ids is not None else []
+        if self.config.vision_patch_token_id in turn:
+            turn = []  # read with the image it would become an image slot: the answer feeds it in a pass of its own
+        if turn:
+            if not 1 <= first_turn_logits <= len(turn):
+                raise ValueError(f"first_turn_logits must be in 1..{len(turn)}, got {first_turn_logits}")
+            input_ids, position_ids, attention_mask, visual_prompt_ids = _with_turn(
+                input_ids, position_ids, attention_mask, visual_prompt_ids, turn, next_position)
+        total = input_ids.shape[1]
         if decoding is None:
             cache = DynamicCache(config=self.config.text_config)
         else:
-            cache = decoding.cache_for_prefill(length)
-            padding = attention_mask.new_zeros(1, 1, length, decoding.max_len - length)
+            cache = decoding.cache_for_prefill(total)
+            padding = attention_mask.new_zeros(1, 1, total, decoding.max_len - total)
             attention_mask = torch.cat([attention_mask, padding], dim=-1)
         out = self(
             input_ids=input_ids,
@@ -681,7 +712,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             past_key_values=cache,
             use_cache=True,
             output_mask_logits=False,  # the pixel decoder runs lazily, on the first [SEG] (PixelSailPrefix)
-            logits_to_keep=1,
+            logits_to_keep=first_turn_logits if turn else 1,
             text_model=compiled.text_model if compiled is not None else None,
         )
         is_patch = input_ids[0] == self.config.vision_patch_token_id
@@ -691,31 +722,34 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             raise ValueError("the prefix holds no <vpatch> tokens")
         if count != h * w:
             raise ValueError(f"the prefix has {count} <vpatch> tokens but image_grid_hw says {h}×{w}")
+        hidden = out.last_hidden_state[0]
         return PixelSailPrefix(
             past_key_values=out.past_key_values,
-            vision_tokens=out.last_hidden_state[0][is_patch].view(h, w, -1),
+            vision_tokens=hidden[is_patch].view(h, w, -1),
             length=length,
-            next_position=int(position_ids.max()) + 1,
+            next_position=next_position,
             decoder=partial(compiled.pixel_decoder if compiled is not None else self.decode_pixel_features,
                             patches=self._skip_patches(pixel_values, [0], h, w)),
             visual_prompt_features=out.visual_prompt_features,
             decoding=decoding,
             decoding_generation=decoding.begin_prefix() if decoding is not None else 0,
+            first_turn=_FirstTurn(turn, hidden[length:], out.logits[0]) if turn else None,
         )
 
-    def _answer_cache(self, prefix: PixelSailPrefix, new_tokens: int) -> _AnswerCache:
+    def _answer_cache(self, prefix: PixelSailPrefix, new_tokens: int, kept: int = 0) -> _AnswerCache:
         """Where one answer after ``prefix`` decodes: the prefix's static cache when it has one and room for
         ``new_tokens`` more (rewound: the prefix is kept, no copy), else a private dynamic copy of the prefix cache.
+        ``kept``: entries of the prefix's first turn, which follow the prefix in its cache, to keep (0: none).
         """
         decoding = prefix.decoding
         if decoding is not None:
             if decoding.generation != prefix.decoding_generation:
                 raise ValueError("this prefix's static cache now holds a later prefill; prefill the image again")
             if prefix.length + new_tokens <= decoding.max_len:
-                decoding.rewind(prefix.length)
+                decoding.rewind(prefix.length + kept)
                 return _AnswerCache(partial(decoding.run, visual_prompt_features=prefix.visual_prompt_features),
                                     decoding.rewind)
-        cache = _dynamic_copy(prefix.past_key_values, prefix.length, self.config.text_config)
+        cache = _dynamic_copy(prefix.past_key_values, prefix.length + kept, self.config.text_config)
         device = prefix.vision_tokens.device
 
         def step(token_ids: list[int], past: int, position: int, logits_to_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -764,7 +798,13 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         tokens = [int(t) for t in (answer_prefix_ids if answer_prefix_ids is not None else ())]
         draft = [int(t) for t in (draft_ids if draft_ids is not None else ())][:max(max_new_tokens, 0)]
         chunk, answer_start, drafted = prompt + tokens + draft, len(prompt), len(draft)
-        cache = self._answer_cache(prefix, len(chunk) + max_new_tokens + 1)
+        # The prefix's first turn serves the first answer that feeds exactly its chunk; any answer retires it
+        # (on a static cache, a later answer overwrites its entries).
+        first, prefix.first_turn = prefix.first_turn, None
+        if first is not None and (first.token_ids != chunk or len(first.logits) != len(draft) + 1):
+            first = None
+        with_prefix = first is not None
+        cache = self._answer_cache(prefix, len(chunk) + max_new_tokens + 1, kept=len(chunk) if first else 0)
         past, position = prefix.length, prefix.next_position
         seg_states: list[torch.Tensor] = []
         seg_probs = [torch.ones((), device=device) for t in tokens if t == seg_id]
@@ -772,7 +812,10 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
         new_tokens, stopped, passes, accepted = 0, False, 0, 0
         while True:
             q, guessed = len(chunk), len(draft)
-            hidden, rows = cache.step(chunk, past, position, logits_to_keep=guessed + 1)
+            if first is not None:
+                hidden, rows, first = first.hidden, first.logits, None
+            else:
+                hidden, rows = cache.step(chunk, past, position, logits_to_keep=guessed + 1)
             passes += 1
             next_id = None  # a token chosen but not fed yet; None: the answer is over
             for j in range(guessed + 1):  # row j chooses the token after chunk[q - guessed - 1 + j]
@@ -831,6 +874,7 @@ class PixelSailForConditionalGeneration(PixelSailPreTrainedModel, GenerationMixi
             stopped=stopped,
             step_logits=torch.stack(step_logits) if step_logits else None,
             passes=passes,
+            with_prefix=with_prefix,
             drafted=drafted,
             draft_accepted=accepted,
         )
@@ -848,11 +892,31 @@ class _AnswerCache:
 def _dynamic_copy(cache: Cache, length: int, config: PretrainedConfig) -> DynamicCache:
     """A DynamicCache holding the first ``length`` entries of every layer of ``cache``."""
     if isinstance(cache, DynamicCache):
-        return copy.deepcopy(cache)
+        out = copy.deepcopy(cache)
+        if out.get_seq_length() > length:
+            out.crop(length - out.get_seq_length())  # (a negative crop drops that many; a positive one is refused)
+        return out
     out = DynamicCache(config=config)
     for i, layer in enumerate(cache.layers):
         out.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), i)
     return out
+
+
+def _with_turn(
+    input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+    visual_prompt_ids: torch.Tensor | None, turn: list[int], start: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch-1 prefix's ids, positions, mask and prompt ids extended by a text turn read after it: the turn
+    sees the whole prefix and, causally, itself (positions from ``start`` on every axis); the prefix never sees it."""
+    device, length, q = input_ids.device, input_ids.shape[1], len(turn)
+    ids = torch.cat([input_ids, torch.tensor([turn], dtype=input_ids.dtype, device=device)], dim=1)
+    positions = torch.cat([position_ids, _text_positions(1, q, start, device)], dim=-1)
+    mask = torch.zeros(1, 1, length + q, length + q, dtype=torch.bool, device=device)
+    mask[..., :length, :length] = attention_mask
+    mask[..., length:, :] = _causal_mask(1, q, length, device)
+    if visual_prompt_ids is not None:
+        visual_prompt_ids = torch.cat([visual_prompt_ids, visual_prompt_ids.new_full((1, q), -1)], dim=1)
+    return ids, positions, mask, visual_prompt_ids
 
 
 def _text_positions(batch: int, length: int, start: int, device: torch.device) -> torch.Tensor:

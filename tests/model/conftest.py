@@ -34,6 +34,13 @@ def model_factory():
 
 
 @pytest.fixture(scope="session")
+def wandering_model() -> PixelSailForConditionalGeneration:
+    """Random weights, untied head: greedy answers wander over the vocabulary (no stop tokens are given), so a
+    test can follow many distinct tokens; never modified by a test."""
+    return make_model(5, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
 def scripted():
     """``scripted(model, chain)``: see :func:`script_model`."""
     return script_model

@@ -41,17 +41,20 @@ def engines():
 
 @pytest.mark.slow
 def test_compiled_image_passes_answer_like_eager_and_compile_once_per_grid(engines):
+    """Per grid: two graphs (the prefix pass, the pixel decoder); the prefix pass also reads the first question, so
+    a question of another length compiles it once more with the length symbolic, and then no length does."""
     eager, compiled = engines
     assert eager._compiled is None and isinstance(compiled._compiled, CompiledImagePasses)
-    requests = list(_requests(3, 320))
-    before = _graphs()
-    image, request = requests[0]
-    _assert_same(eager.segment(image, **request), compiled.segment(image, **request))
-    first = _graphs()
-    assert first - before == 2  # the decoder over the prefix, and the pixel decoder: one graph each
-    for image, request in requests[1:]:
+    scenes = [image for image, _ in _requests(4, 320)]
+    phrases = ["red circle", "blue square", "the large green triangle", "the small yellow star on the left"]
+    new_graphs = []
+    for image, phrase in zip(scenes, phrases):  # each phrase asked once: each drafted as "It is [SEG]."
+        before = _graphs()
+        request = {"text": phrase, "points": [(40, 50)], "describe": True}
         _assert_same(eager.segment(image, **request), compiled.segment(image, **request))
-    assert _graphs() == first  # the same grid again: nothing recompiled
+        new_graphs.append(_graphs() - before)
+    # 11 + 4 tokens, the same 15, 13 + 4 (recompiled, length now symbolic), 16 + 4 (no compilation)
+    assert new_graphs == [2, 0, 1, 0]
 
 
 @pytest.mark.slow
@@ -63,7 +66,8 @@ def test_a_new_image_size_compiles_again_and_still_matches(engines):
     wide = np.ascontiguousarray(np.concatenate([image, image], axis=1))  # 320×640: another patch grid
     assert eager.processor.preprocess_image(wide).grid_hw != eager.processor.preprocess_image(image).grid_hw
     _assert_same(eager.segment(wide, text=request["text"]), compiled.segment(wide, text=request["text"]))
-    assert _graphs() - before == 2
+    # the pixel decoder compiles for the new grid; the prefix pass too, unless its length is symbolic already
+    assert _graphs() - before in (1, 2)
 
 
 def test_prefill_with_compiled_passes_gives_the_eager_prefix(model, processor, image_factory):

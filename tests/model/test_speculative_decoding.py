@@ -15,9 +15,8 @@ MAX = 8
 
 
 @pytest.fixture(scope="module")
-def model(model_factory):
-    """Random weights, untied head: greedy answers wander over the vocabulary (no stop tokens are given)."""
-    return model_factory(5, tie_word_embeddings=False)
+def model(wandering_model):
+    return wandering_model
 
 
 @pytest.fixture(scope="module")
