@@ -113,6 +113,7 @@ class PixelSailEngine:
         decoding: str = "auto",
         speculative: bool = True,
         compile_image: bool = False,
+        fuse_first_turn: bool = True,
     ) -> None:
         """``decoding``: "dynamic" (a growing KV cache per answer), "static" (one fixed-size cache reused across
         frames), "compiled" (static, each one-token step through ``torch.compile``: the first answers pay the
@@ -127,7 +128,11 @@ class PixelSailEngine:
 
         ``compile_image``: run the image prefix and the pixel decoder through ``torch.compile``
         (:class:`~.model.compiled_image.CompiledImagePasses`): the first request at each new image grid pays the
-        compilation (tens of seconds on a small CPU); the answers match eager ones to float rounding."""
+        compilation (tens of seconds on a small CPU); the answers match eager ones to float rounding.
+
+        ``fuse_first_turn``: read each request's first question (and its draft) in the image prefix's own decoder
+        pass (``prefill(first_turn_ids=...)``) rather than in a pass of its own after it: one decoder pass fewer
+        per request, the same greedy answers (False: the separate pass, for comparison)."""
         self.model = model.eval()
         self.processor = processor
         self.logits_processor: Any = None  # passed to generate_answer (the benchmarks script answers with it)
@@ -143,9 +148,11 @@ class PixelSailEngine:
         self.speculative = bool(speculative)
         self.compile_image = bool(compile_image)
         self._compiled = CompiledImagePasses.of(self.model) if self.compile_image else None
+        self.fuse_first_turn = bool(fuse_first_turn)
         self._seg_answer_ids = processor.tokenizer.encode(SEG_ANSWER, add_special_tokens=False)
         self._previous_answers: OrderedDict[str, list[int]] = OrderedDict()  # question → its last answer's tokens
-        self.draft_stats = {"answers": 0, "drafted_tokens": 0, "accepted_tokens": 0, "passes": 0}
+        # answers; draft tokens fed and accepted; decoder passes, counting a first turn read with the image as one
+        self.draft_stats = {"answers": 0, "drafted_tokens": 0, "accepted_tokens": 0, "passes": 0, "with_prefix": 0}
 
     @classmethod
     def from_pretrained(
@@ -159,6 +166,7 @@ class PixelSailEngine:
         decoding: str = "auto",
         speculative: bool = True,
         compile_image: bool = False,
+        fuse_first_turn: bool = True,
     ) -> PixelSailEngine:
         """Load a checkpoint directory (None = the bundled ShapesRef model) onto a device, in a dtype."""
         directory = Path(path) if path is not None else BUNDLED_CHECKPOINT
@@ -180,7 +188,7 @@ class PixelSailEngine:
         model.to(torch_device)
         processor = PixelSailProcessor.from_pretrained(directory)
         return cls(model, processor, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, decoding=decoding,
-                   speculative=speculative, compile_image=compile_image)
+                   speculative=speculative, compile_image=compile_image, fuse_first_turn=fuse_first_turn)
 
     @property
     def device(self) -> torch.device:
@@ -236,7 +244,11 @@ class PixelSailEngine:
             raise ValueError("nothing to do: give text, points or boxes")
 
         with torch.inference_mode():
-            prefix = self._prefill(image, prompts)
+            if text:  # the order below: the text's question, then descriptions, then one per prompt
+                first = (refer_seg_question(text), True)
+            else:
+                first = (vp_describe_question(0), False) if describe else (vp_seg_question(0), True)
+            prefix = self._prefill(image, prompts, first if self.fuse_first_turn else None)
             labels: list[str] = []
             seg_answers: list[PixelSailAnswer] = []
             answers: list[str] = []
@@ -272,16 +284,24 @@ class PixelSailEngine:
 
     # ---- steps -----------------------------------------------------------------------------------------
 
-    def _prefill(self, image: np.ndarray, prompts: list[np.ndarray]) -> PixelSailPrefix:
+    def _prefill(self, image: np.ndarray, prompts: list[np.ndarray],
+                 first: tuple[str, bool] | None = None) -> PixelSailPrefix:
+        """The image prefix; ``first`` = (question, segments): the first question to be asked, read in the same pass
+        with the draft ``_answer`` will feed with it."""
         inputs = self.processor.preprocess_image(image, device=self.device)
         statics = _cached(self._prefix_statics, inputs.grid_hw, lambda: self._prefix_static_inputs(inputs), 8)
         visual_prompt_ids = None
         if prompts:
             prompt_map = self.processor.visual_prompt_map(inputs.original_hw, inputs.grid_hw, prompts)
             visual_prompt_ids = self.processor.prefix_prompt_ids(inputs.grid_hw, prompt_map).view(1, -1).to(self.device)
+        turn: list[int] | None = None
+        logits = 1
+        if first is not None:
+            draft = (self._draft(*first) or [])[: self.max_new_tokens]  # as generate_answer cuts it
+            turn, logits = self._question(first[0]) + draft, len(draft) + 1
         return self.model.prefill(
             pixel_values=inputs.pixel_values.to(self.dtype).unsqueeze(0), visual_prompt_ids=visual_prompt_ids,
-            decoding=self._static, compiled=self._compiled, **statics,
+            decoding=self._static, compiled=self._compiled, first_turn_ids=turn, first_turn_logits=logits, **statics,
         )
 
     def _prefix_static_inputs(self, inputs: ImageInputs) -> dict[str, torch.Tensor]:
@@ -290,13 +310,9 @@ class PixelSailEngine:
 
     def _answer(self, prefix: PixelSailPrefix, question: str, segments: bool = False) -> PixelSailAnswer:
         """Greedy answer to ``question``; ``segments``: a segmentation question (drafted "It is [SEG]." at first)."""
-        ids = _cached(self._question_ids, question, lambda: self.processor.encode_question(question), 512)
-        draft = None
-        if self.speculative:
-            draft = self._previous_answers.get(question, self._seg_answer_ids if segments else None)
         answer = self.model.generate_answer(
-            prefix, ids, max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
-            logits_processor=self.logits_processor, draft_ids=draft,
+            prefix, self._question(question), max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
+            logits_processor=self.logits_processor, draft_ids=self._draft(question, segments),
         )
         if self.speculative:
             _remember(self._previous_answers, question, answer.token_ids, 512)
@@ -305,7 +321,18 @@ class PixelSailEngine:
         stats["drafted_tokens"] += answer.drafted
         stats["accepted_tokens"] += answer.draft_accepted
         stats["passes"] += answer.passes
+        stats["with_prefix"] += answer.with_prefix
         return answer
+
+    def _question(self, question: str) -> list[int]:
+        return _cached(self._question_ids, question, lambda: self.processor.encode_question(question), 512)
+
+    def _draft(self, question: str, segments: bool) -> list[int] | None:
+        """What ``question``'s answer is drafted as: its previous answer, or "It is [SEG]." for a new segmentation
+        question (None: no draft, or speculative decoding is off)."""
+        if not self.speculative:
+            return None
+        return self._previous_answers.get(question, self._seg_answer_ids if segments else None)
 
     def _masks(
         self, answers: list[PixelSailAnswer], labels: list[str], size: tuple[int, int]
