@@ -697,6 +697,7 @@ class PixelSailNode(LifecycleNode):
             drafts = dict(self._engine.draft_stats)
             values["draft_tokens_accepted"] = f"{drafts['accepted_tokens']} of {drafts['drafted_tokens']}"
             values["decoder_passes_per_answer"] = round(drafts["passes"] / max(drafts["answers"], 1), 2)
+            values["answers_from_the_image_pass"] = f"{drafts['with_prefix']} of {drafts['answers']}"
         if self.p("target_frame"):
             values["target_frame"] = self.p("target_frame")
             values["tf_frames_known"] = len(self._tf.frames())

@@ -430,6 +430,8 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
     accepted, drafted = (int(n) for n in values["draft_tokens_accepted"].split(" of "))
     assert 0 < accepted <= drafted
     assert 0 < float(values["decoder_passes_per_answer"]) < 10
+    from_image, answers = (int(n) for n in values["answers_from_the_image_pass"].split(" of "))
+    assert 2 <= from_image <= answers  # each request's first question was read with its image
 
 
 def test_a_stale_latest_frame_is_refused_for_clicks_and_service_calls(client: Client, node: NodeProcess,
