@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and node suites: run the image prefix and the pixel decoder through torch.compile (the "
                         "engine's compile_image / the node's parameter; the warm-up pays the compilation; default: "
                         "off, as they are)")
+    p.add_argument("--fuse-first-turn", default="on", choices=("on", "off"),
+                   help="model suite: read the question (and its draft) in the image prefix's own decoder pass (the "
+                        "engine's fuse_first_turn; default: on, as it is)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["model"] = model_bench.run(presets=_presets(args.presets), model_path=args.model_path,
                                        device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
                                        decoding=args.decoding, speculative=args.speculative == "on",
-                                       compile_image=args.compile_image == "on")
+                                       compile_image=args.compile_image == "on",
+                                       fuse=args.fuse_first_turn == "on")
     if args.suite == "train":
         from . import train_bench
 

@@ -98,14 +98,20 @@ def pixel_decoder_flops(config: Any, grid_hw: Sequence[int]) -> int:
     return total
 
 
-def prefill_flops(config: Any, grid_hw: Sequence[int]) -> dict[str, int]:
+def prefill_flops(config: Any, grid_hw: Sequence[int], turn_tokens: int = 0, turn_logits: int = 1) -> dict[str, int]:
     """All the matmul work of ``model.prefill`` for one image: the prefix and one LM-head row (the pixel decoder
-    runs later, only for answers with a [SEG]: see ``pixel_decoder_flops``)."""
+    runs later, only for answers with a [SEG]: see ``pixel_decoder_flops``). With ``turn_tokens``, the first turn
+    read in the same pass (``first_turn_ids``): those tokens over the prefix and themselves, and ``turn_logits``
+    LM-head rows."""
     patches = int(grid_hw[0]) * int(grid_hw[1])
+    shape = DecoderShape.from_config(config)
     parts = {
         "prefix": prefix_flops(config, patches + 2, patches),
-        "lm_head": 2 * config.text_config.hidden_size * config.text_config.vocab_size,  # logits_to_keep=1
+        "lm_head": 2 * shape.hidden * shape.vocab * (turn_logits if turn_tokens else 1),
     }
+    if turn_tokens:
+        # each turn token attends to the prefix and (causally, counted in full here) the turn
+        parts["turn"] = shape.layers * sum(layer_flops(shape, turn_tokens, patches + 2 + turn_tokens).values())
     parts["total"] = sum(parts.values())
     return parts
 

@@ -120,10 +120,11 @@ class DecoderTimer:
 def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], script: ScriptedAnswers,
                  decoder: Optional[DecoderTimer] = None, decoding: Optional[StaticDecoding] = None,
                  draft: Optional[Sequence[int]] = None,
-                 compiled: Optional[CompiledImagePasses] = None) -> dict[str, float]:
+                 compiled: Optional[CompiledImagePasses] = None, fuse: bool = False) -> dict[str, float]:
     """One referring-segmentation request through the model API; seconds per stage (and the answer's decoder
     passes). ``draft``: the answer's draft, as the engine drafts a standing prompt from its previous answer;
-    ``compiled``: the image passes compiled, as the engine's ``compile_image``."""
+    ``compiled``: the image passes compiled, as the engine's ``compile_image``; ``fuse``: the question and its
+    draft are read in the prefix's pass, as the engine's ``fuse_first_turn`` (the prefix time then includes them)."""
     model, proc, dev = subject.model, subject.processor, subject.device
     sync()
     t0 = time.perf_counter()
@@ -134,7 +135,10 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], sc
     t1 = time.perf_counter()
     if decoder is not None:
         decoder.armed = True
-    prefix = model.prefill(**batch, decoding=decoding, compiled=compiled)
+    turn = {}
+    if fuse:
+        turn = {"first_turn_ids": list(subject.seg_question) + list(draft or []), "first_turn_logits": len(draft or []) + 1}
+    prefix = model.prefill(**batch, decoding=decoding, compiled=compiled, **turn)
     sync()
     t2 = time.perf_counter()
     if decoder is not None:
@@ -148,6 +152,8 @@ def segment_once(subject: Subject, rgb: np.ndarray, sync: Callable[[], None], sc
     t4 = time.perf_counter()
     if masks.shape[0] != 1:
         raise RuntimeError(f"scripted answer gave {masks.shape[0]} masks, expected 1 (the [SEG] was not decoded)")
+    if fuse and not answer.with_prefix:
+        raise RuntimeError("the answer did not start from the turn read with the prefix")
     return {"preprocess": t1 - t0, "prefix": t2 - t1, "answer": t3 - t2, "postprocess": t4 - t3, "segment": t4 - t0,
             "passes": answer.passes}
 
@@ -215,10 +221,11 @@ class MatmulProbe:
 
 
 def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, script: ScriptedAnswers,
-                           decoding: str, speculative: bool = True, compile_image: bool = False) -> list[float]:
+                           decoding: str, speculative: bool = True, compile_image: bool = False,
+                           fuse: bool = True) -> list[float]:
     """engine.segment (what the node calls) with the same scripted answer; needs the real tokenizer."""
     engine = PixelSailEngine(subject.model, subject.engine_processor, decoding=decoding, speculative=speculative,
-                             compile_image=compile_image)
+                             compile_image=compile_image, fuse_first_turn=fuse)
     engine.logits_processor = script
     times = []
     for _ in range(repeats + 1):
@@ -231,12 +238,13 @@ def engine_segment_seconds(subject: Subject, rgb: np.ndarray, repeats: int, scri
 
 
 def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding: str = "auto",
-             speculative: bool = True, compile_image: bool = False) -> dict[str, Any]:
+             speculative: bool = True, compile_image: bool = False, fuse: bool = True) -> dict[str, Any]:
     """One JSON entry: latencies, decode speed, analytic FLOPs vs the same-run matmul FLOP/s, peak memory.
 
     ``speculative``: segmentation answers are drafted, as the engine drafts a standing prompt's answer from the
     previous frame's ("It is [SEG]." again); descriptions are timed without a draft (tokens/s of plain decoding).
     ``compile_image``: the prefix and the pixel decoder run compiled (the warm-up requests pay the compilation).
+    ``fuse``: the question (and its draft) is read in the prefix's own pass, as the engine's ``fuse_first_turn``.
     """
     dev, dtype, config = subject.device, subject.dtype, subject.config
     mode = resolve_decoding(decoding, dev)
@@ -245,9 +253,10 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
     rgb = bench_image(width, height)
     grid = subject.processor.grid_size(height, width)
     tokens = grid[0] * grid[1] + 2
-    counts = flops.prefill_flops(config, grid)
-    answer = fixed_answer(subject.seg_answer)  # every turn: "It is [SEG]." + stop
     draft = subject.seg_answer[:-1] if speculative else None  # the answer without its stop token
+    turn = len(subject.seg_question) + len(draft or []) if fuse else 0
+    counts = flops.prefill_flops(config, grid, turn, len(draft or []) + 1)
+    answer = fixed_answer(subject.seg_answer)  # every turn: "It is [SEG]." + stop
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -262,7 +271,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
                 passes = CompiledImagePasses.of(subject.model)
                 compiled = dataclasses.replace(passes, text_model=dec.wrap(passes.text_model))
             for i in range(budget.warmup + budget.repeats):
-                r = segment_once(subject, rgb, sync, script, dec, static, draft, compiled)
+                r = segment_once(subject, rgb, sync, script, dec, static, draft, compiled, fuse)
                 if i >= budget.warmup:
                     runs.append(r)
                     probe.sample()
@@ -274,7 +283,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         if subject.engine_processor is not None:
             try:
                 engine_s = engine_segment_seconds(subject, rgb, max(2, budget.repeats // 2), script, mode,
-                                                  speculative, compile_image)
+                                                  speculative, compile_image, fuse)
             except Exception as exc:  # noqa: BLE001 - the engine is optional here; say why it is missing
                 log.warning("engine.segment could not be benchmarked: %s: %s", type(exc).__name__, exc)
     mm = percentile(probe.gflops, 50)
@@ -299,6 +308,8 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         "decoding": mode,
         "speculative": speculative,
         "compile_image": compile_image,
+        "fused_first_turn": fuse,  # the question read in the prefix's pass: prefix_ms includes it
+        "first_turn_tokens": turn,  # its tokens (question + draft), counted in prefill_gflop
         "answer_passes": max(r["passes"] for r in runs),  # decoder passes of "It is [SEG]." after the prefix
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "repeats": len(runs),
@@ -364,7 +375,8 @@ def _free(subject: Optional[Subject]) -> None:
 
 def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = None, device: str = "auto",
         dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None,
-        decoding: str = "auto", speculative: bool = True, compile_image: bool = False) -> list[dict[str, Any]]:
+        decoding: str = "auto", speculative: bool = True, compile_image: bool = False,
+        fuse: bool = True) -> list[dict[str, Any]]:
     """The model suite: one entry per (preset, resolution, device), models loaded once per (preset, device)."""
     cases = plan_cases(presets, device, torch.cuda.is_available())
     entries: list[dict[str, Any]] = []
@@ -384,7 +396,7 @@ def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = N
         assert subject is not None
         budget = budget_for(case.preset, case.device, quick, repeats)
         t0 = time.perf_counter()
-        entry = run_case(subject, *case.resolution, budget, decoding, speculative, compile_image)
+        entry = run_case(subject, *case.resolution, budget, decoding, speculative, compile_image, fuse)
         log.info("%s %dx%d on %s: prefix p50 %.1f ms, segment p50 %.1f ms, efficiency %s (%.1f s)", case.preset,
                  *case.resolution, case.device, entry["prefix_ms_p50"], entry["segment_ms_p50"], entry["efficiency"],
                  time.perf_counter() - t0)

@@ -85,6 +85,33 @@ def test_prefill_count_equals_torch_flop_counter_on_the_model(switches: dict) ->
     assert counter.get_total_flops() == 0
 
 
+def test_a_first_turn_read_with_the_prefix_is_counted() -> None:
+    """prefill(first_turn_ids=...): the turn's rows over the prefix and the turn, and its LM-head rows. The dense
+    attention kernel also scores the prefix's rows against the turn (masked out, not needed): the counter sees
+    that block too, and only that differs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pixel_sail_ros.model.modeling_pixel_sail import PixelSailForConditionalGeneration
+    from pixel_sail_ros.model.processing_pixel_sail import PixelSailProcessor
+    from pixel_sail_ros.model.tokenization import build_tiny_tokenizer
+
+    cfg = PixelSailConfig.from_preset("tiny", num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = PixelSailForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    processor = PixelSailProcessor.from_config(cfg, build_tiny_tokenizer())
+    image = processor.preprocess_image(np.zeros((240, 320, 3), np.uint8))
+    turn, logits = list(range(30, 47)), 5
+    with FlopCounterMode(display=False) as counter:
+        model.prefill(**processor.prefix_inputs(image), first_turn_ids=turn, first_turn_logits=logits)
+    expected = flops.prefill_flops(cfg, image.grid_hw, len(turn), logits)
+    shape = flops.DecoderShape.from_config(cfg)
+    prefix_tokens = image.grid_hw[0] * image.grid_hw[1] + 2
+    masked = shape.layers * 2 * 2 * shape.heads * prefix_tokens * len(turn) * shape.head_dim
+    assert counter.get_total_flops() == expected["total"] + masked
+    assert expected["total"] - flops.prefill_flops(cfg, image.grid_hw)["total"] == (
+        expected["turn"] + 2 * shape.hidden * shape.vocab * (logits - 1))
+
+
 def test_decode_step_grows_with_context_and_includes_the_lm_head() -> None:
     cfg = PixelSailConfig.from_preset("tiny")
     short, long = flops.decode_step_flops(cfg, 160), flops.decode_step_flops(cfg, 320)

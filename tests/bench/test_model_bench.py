@@ -36,6 +36,9 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
         assert e["weights"] in ("path", "bundled")
         assert e["speculative"] is True and e["answer_passes"] == 1  # "It is [SEG]." drafted, verified at once
         assert e["compile_image"] is False
+        # the question and its draft were read in the prefix's pass, and their work is counted with it
+        assert e["fused_first_turn"] is True and e["first_turn_tokens"] > 0
+        assert e["prefill_gflop"] > e["prefix_gflop"]
         for key in POSITIVE:
             assert e[key] is not None and e[key] > 0, (key, e[key])
         assert 0 < e["efficiency"] <= 1.5, e
