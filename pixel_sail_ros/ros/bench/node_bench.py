@@ -336,6 +336,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "compile_image": bool(compile_image),
             "first_result_s": rounded(prime_s, 2),
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
+            "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),
             **figures,
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
