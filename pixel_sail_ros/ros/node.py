@@ -520,6 +520,7 @@ class PixelSailNode(LifecycleNode):
             self._engine.mask_threshold = self.p("mask_threshold")
             self._engine.max_new_tokens = self.p("max_new_tokens")
             self._engine.speculative = self.p("speculative_decoding")
+            self._engine.fuse_first_turn = self.p("fuse_first_turn")
             return self._engine.segment(rgb, text=text, points=points or None, boxes=boxes or None, describe=describe)
 
     def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:

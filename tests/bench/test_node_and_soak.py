@@ -45,6 +45,7 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     assert node["output_hz"] > 0 and node["node_alive_at_end"]
     assert node["path_ms"]["to_rgb8_is_view"] is True
     # a standing text prompt: every answer's question was read in its image's own decoder pass
+    assert node["fuse_first_turn"] is True
     fused, _, answered = node["answers_from_the_image_pass"].partition(" of ")
     assert int(fused) == int(answered) > 0, node["answers_from_the_image_pass"]
 

@@ -493,6 +493,38 @@ def test_speculative_decoding_can_be_switched_off_at_run_time(client: Client, no
     assert drafted_tokens() > before
 
 
+def test_fuse_first_turn_can_be_switched_off_at_run_time(client: Client, node: NodeProcess, segment,
+                                                        reference) -> None:
+    """fuse_first_turn applies to the next request: off, the question is read in a pass of its own (the fused count
+    stays while answers grow) and the answer is still the model's; on again, it is read with the image."""
+    set_parameter = parameter_setter(client)
+    diagnostics = DiagnosticsReader(client)
+    frame = render_frame(SEED, 6, 160, 120)
+    text = shapesref.expressions(frame.scene, np.random.default_rng(6))[0].text
+
+    def fused_and_answers() -> tuple[int, int]:
+        fused, _, answers = diagnostics.after(time.time())["answers_from_the_image_pass"].partition(" of ")
+        return int(fused), int(answers)
+
+    def ask(stamp: int) -> None:
+        resp = segment(Segment.Request(image=image_msg(frame.rgb, stamp), text=text))
+        assert resp.success, resp.message
+        assert_same_answer(resp.result, reference.segment(frame.rgb, text=text), frame.rgb.shape[:2])
+
+    set_parameter("fuse_first_turn", False)
+    try:
+        fused, answers = fused_and_answers()
+        ask(61)
+        ask(62)
+        fused_off, answers_off = fused_and_answers()
+        assert fused_off == fused and answers_off == answers + 2, (fused, answers, fused_off, answers_off)
+    finally:
+        set_parameter("fuse_first_turn", True)
+    ask(63)
+    fused_on, answers_on = fused_and_answers()
+    assert fused_on == fused_off + 1 and answers_on == answers_off + 1, (fused_off, answers_off, fused_on, answers_on)
+
+
 @pytest.mark.slow
 def test_a_node_with_compiled_image_passes_answers_like_the_model(ns: str, model_dir: str, reference) -> None:
     """compile_image:=true reaches the engine (its log line), and the compiled node answers what the eager model

@@ -265,9 +265,10 @@ def target_flags(overhead: Optional[float], idle: Optional[float], hop: Optional
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 30.0,
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
-        compile_image: bool = False) -> dict[str, Any]:
-    """The node suite's JSON object (see the module docstring for the timeline); ``speculative`` and
-    ``compile_image`` set the node's speculative_decoding and compile_image parameters."""
+        compile_image: bool = False, fuse_first_turn: bool = True) -> dict[str, Any]:
+    """The node suite's JSON object (see the module docstring for the timeline); ``speculative``,
+    ``compile_image`` and ``fuse_first_turn`` set the node's speculative_decoding, compile_image and
+    fuse_first_turn parameters."""
     import psutil
 
     from pixel_sail_ros.ros.parameters import BY_NAME
@@ -288,7 +289,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype,
                                                  "frame_wait_ms": float(frame_wait_ms),
                                                  "speculative_decoding": bool(speculative),
-                                                 "compile_image": bool(compile_image)})
+                                                 "compile_image": bool(compile_image),
+                                                 "fuse_first_turn": bool(fuse_first_turn)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, PROMPT)
@@ -334,6 +336,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "frame_wait_ms": float(frame_wait_ms),
             "speculative_decoding": bool(speculative),
             "compile_image": bool(compile_image),
+            "fuse_first_turn": bool(fuse_first_turn),
             "first_result_s": rounded(prime_s, 2),
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),
