@@ -3,12 +3,13 @@
 # development workplace lends one to some sessions). In order, each step bounded in time:
 #   1. the CUDA tests (bf16/fp16 against float32, the GPU path really on the GPU);
 #   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768), once per BENCH_RUNS entry
-#      (decoding mode:speculative on|off, and a third field "compile" for --compile-image on);
+#      (decoding mode:speculative on|off, and a third field of extras joined by "+": "compile" for
+#      --compile-image on, "unfused" for --fuse-first-turn off);
 #   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, its learning rate on a cosine over
 #      that time (--schedule-over-time), then its held-out eval (EVAL_SAMPLES=0 skips it: evaluate on the CPU).
 #      With DEADLINE_S > 0, training gets whatever is left of that many seconds after steps 1-2 (minus a margin
 #      for start-up and saving), so the whole run ends inside one device call's limit.
-# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda_<mode>_<on|off>[_compile].json, and with training eval.json,
+# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda_<mode>_<on|off>[_<extras>].json, and with training eval.json,
 # metrics.jsonl, config.json and the model split into model.safetensors.part-* (rejoin with `cat`).
 #
 # Pinned pure-python packages the machine lacks travel as wheels in .whl/ (`make device-wheels` fills it).
@@ -29,7 +30,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 EVAL_SAMPLES=${EVAL_SAMPLES:-500}
 TESTS=${TESTS:-tests/model}  # the pytest selection for step 1 (its CUDA-marked tests run)
 BENCH=${BENCH:-1}            # 0 skips step 2
-BENCH_RUNS=${BENCH_RUNS:-"dynamic:off dynamic:on graphs:on graphs:on:compile"}  # one bench JSON per mode:speculative[:compile]
+BENCH_RUNS=${BENCH_RUNS:-"dynamic:off dynamic:on graphs:on graphs:on:compile graphs:on:unfused"}  # one bench JSON per mode:speculative[:extras]
 OVERRIDES=${OVERRIDES:-'{}'}   # training: --model-overrides JSON, e.g. '{"mrope_layout": "interleaved"}'
 AUX_OBJECT=${AUX_OBJECT:-1.5} # training: --aux-object-weight (stage 6)
 AUX_PLACE=${AUX_PLACE:-5.0}   # training: --aux-place-weight (stage 6)
@@ -69,12 +70,15 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs $TESTS 2>&1 | tai
 
 if [ "$BENCH" = 1 ]; then
     for run in $BENCH_RUNS; do
-        IFS=: read -r mode spec compile <<<"$run"
-        say "2. model bench ($DEVICE, decoding $mode, speculative $spec, ${compile:-eager} image passes)"
+        IFS=: read -r mode spec extras <<<"$run"
+        compile=off; fuse=on
+        case "+$extras+" in *+compile+*) compile=on ;; esac
+        case "+$extras+" in *+unfused+*) fuse=off ;; esac
+        say "2. model bench ($DEVICE, decoding $mode, speculative $spec, compile_image $compile, fuse_first_turn $fuse)"
         # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
         timeout 200 "$PY" -m pixel_sail_ros.bench --suite model --json --device "$DEVICE" --decoding "$mode" \
-            --speculative "$spec" --compile-image "$([ "$compile" = compile ] && echo on || echo off)" $BENCH_ARGS \
-            --output "$OUT/bench_cuda_${mode}_$spec${compile:+_$compile}.json" >/dev/null 2>>"$LOG" \
+            --speculative "$spec" --compile-image "$compile" --fuse-first-turn "$fuse" $BENCH_ARGS \
+            --output "$OUT/bench_cuda_${mode}_$spec${extras:+_${extras//+/_}}.json" >/dev/null 2>>"$LOG" \
             || say "bench ($run) failed or timed out"
     done
 fi
