@@ -134,6 +134,7 @@ class PixelSailNode(LifecycleNode):
         self._throttle = ThrottledLogger(self.get_logger())
         self._latency = RollingStats()
         self._engine_time = RollingStats()
+        self._queue_wait = RollingStats()  # a prompt frame's arrival → the model starting on it
         self.errors = 0
         self.results = 0
         self.frames_rejected = 0  # image messages that could not be decoded (counted in errors too)
@@ -494,6 +495,7 @@ class PixelSailNode(LifecycleNode):
         if not prompt:
             self._queue.count_skipped()
             return
+        self._queue_wait.add(time.monotonic() - frame.received)
         self._answer(frame, text=prompt, points=[], boxes=[], describe=False)
 
     def _run_click(self, click: ClickRequest) -> None:
@@ -692,6 +694,8 @@ class PixelSailNode(LifecycleNode):
             "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),
             "latency_ms_p95": round(1000 * self._latency.percentile(95), 2),
             "engine_ms_p50": round(1000 * self._engine_time.percentile(50), 2),
+            "queue_wait_ms_p50": round(1000 * self._queue_wait.percentile(50), 2),
+            "queue_wait_ms_p95": round(1000 * self._queue_wait.percentile(95), 2),
             "prompt": self._prompt,
         }
         if self._engine is not None:

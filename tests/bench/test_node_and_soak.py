@@ -46,6 +46,9 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     assert node["path_ms"]["to_rgb8_is_view"] is True
     # a standing text prompt: every answer's question was read in its image's own decoder pass
     assert node["fuse_first_turn"] is True
+    # the node's own queue wait is part of the streaming overhead, not more than all of it
+    assert 0 <= node["queue_wait_ms_p50"] <= node["queue_wait_ms_p95"] <= node["e2e_ms_p95"]
+    assert node["queue_wait_ms_p50"] <= node["overhead_ms_p95"], (node["queue_wait_ms_p50"], node["overhead_ms_p95"])
     fused, _, answered = node["answers_from_the_image_pass"].partition(" of ")
     assert int(fused) == int(answered) > 0, node["answers_from_the_image_pass"]
 

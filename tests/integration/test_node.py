@@ -423,7 +423,8 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
     assert client.spin_until(counted, 15), diagnostics.latest()
     values = diagnostics.latest()
     for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "frames_rejected",
-                "frames_lost_in_transport", "transport_loss_counted", "latency_ms_p50", "output_rate_hz"):
+                "frames_lost_in_transport", "transport_loss_counted", "latency_ms_p50", "output_rate_hz",
+                "queue_wait_ms_p50", "queue_wait_ms_p95"):
         assert key in values, key
     assert values["device"].startswith("cpu")
     assert values["transport_loss_counted"] == "yes"  # Fast DDS numbers its samples, so losses are seen

@@ -5,6 +5,10 @@ sends them back — its round trip halved is the transport cost of one hop; (2) 
 process with the model, gets the same stream with a standing prompt, and every ``segmentation`` result is
 timed against the publish time of the frame whose header it carries. Receive times are rmw's own receive
 timestamps (wall clock), so the bench's executor delay is not charged to the node.
+
+``queue_wait_ms_p50/p95`` come from the node's /diagnostics as the stream ends (its last 200 answers): how long a
+frame sat in the node before the model started on it, the part of the streaming overhead that is waiting for the
+busy model rather than moving or converting data.
 """
 
 from __future__ import annotations
@@ -315,6 +319,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         engine_guess = percentile([t.engine_s for t in stream.timed], 50) if stream.timed else 1.0
         quiet = max(1.0, 2.5 * engine_guess)
         side.wait_for(lambda: time.monotonic() - max(stream.last_result, 0.0) > quiet, min(30.0, 4 * quiet + 5))
+        diag.wait_fresh(side, time.monotonic(), 5.0)  # before the idle pings: the stream's own queue waits
+        queue_wait = {k: rounded(diag.number(k)) for k in ("queue_wait_ms_p50", "queue_wait_ms_p95")}
         ping_timeout = max(2.0, 4 * engine_guess)
         ping_lost = stream.ping_pong(5 if quick else 15, ping_timeout)
         diag.wait_fresh(side, time.monotonic(), 5.0)
@@ -341,6 +347,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),
             **figures,
+            **queue_wait,
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
             "idle_frames": len(stream.idle),
