@@ -13,6 +13,7 @@ pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `mak
 from pixel_sail_ros.ros.bench.node_bench import Timed, summarise  # noqa: E402
 from pixel_sail_ros.ros.bench.soak import GARBAGE_KINDS, garbage_frame, rss_growth_pct  # noqa: E402
 
+from ..integration.node_harness import a_of_b  # noqa: E402
 from .conftest import run_bench  # noqa: E402
 
 NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "echo_ms_p50", "echo_method",
@@ -49,8 +50,8 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     # the node's own queue wait is part of the streaming overhead, not more than all of it
     assert 0 <= node["queue_wait_ms_p50"] <= node["queue_wait_ms_p95"] <= node["e2e_ms_p95"]
     assert node["queue_wait_ms_p50"] <= node["overhead_ms_p95"], (node["queue_wait_ms_p50"], node["overhead_ms_p95"])
-    fused, _, answered = node["answers_from_the_image_pass"].partition(" of ")
-    assert int(fused) == int(answered) > 0, node["answers_from_the_image_pass"]
+    fused, answered = a_of_b(node["answers_from_the_image_pass"])
+    assert fused == answered > 0, node["answers_from_the_image_pass"]
 
 
 @pytest.mark.slow

@@ -166,6 +166,13 @@ class DiagnosticsReader:
         return fresh()[0]
 
 
+def a_of_b(value: str) -> tuple[int, int]:
+    """The two counts of a /diagnostics "A of B" value (draft_tokens_accepted, answers_from_the_image_pass)."""
+    a, of, b = value.partition(" of ")
+    assert of, f"not an 'A of B' count: {value!r}"
+    return int(a), int(b)
+
+
 def image_msg(rgb: np.ndarray, sec: int, frame_id: str = "camera_optical") -> Image:
     msg = numpy_to_image(rgb, "rgb8")
     msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id = sec, 5, frame_id

@@ -32,8 +32,8 @@ from pixel_sail_ros.srv import Segment  # noqa: E402
 from pixel_sail_ros.training import shapesref  # noqa: E402
 
 from .node_harness import (  # noqa: E402
-    Client, DiagnosticsReader, NodeProcess, active_node, image_msg, iou, mono8_mask, outputs_3d_for, parameter_setter,
-    segment_caller,
+    Client, DiagnosticsReader, NodeProcess, a_of_b, active_node, image_msg, iou, mono8_mask, outputs_3d_for,
+    parameter_setter, segment_caller,
 )
 
 SEED = 424242  # ShapesRef scenes no training run used (the bundled model trains on other seeds)
@@ -428,10 +428,10 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
         assert key in values, key
     assert values["device"].startswith("cpu")
     assert values["transport_loss_counted"] == "yes"  # Fast DDS numbers its samples, so losses are seen
-    accepted, drafted = (int(n) for n in values["draft_tokens_accepted"].split(" of "))
+    accepted, drafted = a_of_b(values["draft_tokens_accepted"])
     assert 0 < accepted <= drafted
     assert 0 < float(values["decoder_passes_per_answer"]) < 10
-    from_image, answers = (int(n) for n in values["answers_from_the_image_pass"].split(" of "))
+    from_image, answers = a_of_b(values["answers_from_the_image_pass"])
     assert 2 <= from_image <= answers  # each request's first question was read with its image
 
 
@@ -476,7 +476,7 @@ def test_speculative_decoding_can_be_switched_off_at_run_time(client: Client, no
     frame = render_frame(SEED, 5, 160, 120)
 
     def drafted_tokens() -> int:
-        return int(diagnostics.after(time.time())["draft_tokens_accepted"].split(" of ")[1])
+        return a_of_b(diagnostics.after(time.time())["draft_tokens_accepted"])[1]
 
     def ask(stamp: int) -> None:
         resp = segment(Segment.Request(image=image_msg(frame.rgb, stamp), text="green square"))
@@ -504,8 +504,7 @@ def test_fuse_first_turn_can_be_switched_off_at_run_time(client: Client, node: N
     text = shapesref.expressions(frame.scene, np.random.default_rng(6))[0].text
 
     def fused_and_answers() -> tuple[int, int]:
-        fused, _, answers = diagnostics.after(time.time())["answers_from_the_image_pass"].partition(" of ")
-        return int(fused), int(answers)
+        return a_of_b(diagnostics.after(time.time())["answers_from_the_image_pass"])
 
     def ask(stamp: int) -> None:
         resp = segment(Segment.Request(image=image_msg(frame.rgb, stamp), text=text))
