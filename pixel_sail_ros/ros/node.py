@@ -2,8 +2,12 @@
 
 Threading model (why it looks like this): camera callbacks only store the newest frame in a single slot;
 one worker thread runs the model on whatever is newest when it is free, so latency stays bounded and a slow
-model drops frames (counted) instead of queueing them. The `segment` service runs in its own callback group
-and shares the engine through a lock. The model is loaded once in `configure` and freed in `deactivate`.
+model drops frames (counted) instead of queueing them. Clicks and `segment` service calls go to the same
+worker (the service's callback is a coroutine that awaits the worker's answer), so only the worker ever runs
+the model and everything else is spun by one single-threaded executor. Why not rclpy's MultiThreadedExecutor:
+its pool threads contend with the worker for the interpreter, and on a 2-core CPU that made the engine's
+median a third slower and gave it stalls of up to 2 s (README, Performance). The model is loaded once in
+`configure` and freed in `deactivate`.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import rclpy
 import rclpy.subscription
+from rclpy.task import Future
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, DurabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -40,7 +45,7 @@ from pixel_sail_ros.srv import Segment
 
 from . import conversions, image_conversion, point_cloud, visualization
 from .parameters import PARAMETERS, ParamSpec
-from .scheduling import ClickRequest, Frame, RollingStats, SequenceGaps, StampedBuffer, WorkQueue
+from .scheduling import ClickRequest, Frame, RollingStats, SequenceGaps, ServiceCall, StampedBuffer, WorkQueue
 from .transforms import TransformBuffer, TransformError
 
 NODE_NAME = "pixel_sail"
@@ -146,8 +151,6 @@ class PixelSailNode(LifecycleNode):
         self._timers: list[Any] = []
         self._device_desc = "not loaded"
         self._first_frame_warned = False
-        self._cb_inputs = MutuallyExclusiveCallbackGroup()
-        self._cb_service = ReentrantCallbackGroup()
 
     # ------------------------------------------------------------------ parameters
     def p(self, name: str) -> Any:
@@ -195,6 +198,12 @@ class PixelSailNode(LifecycleNode):
             self._pubs["markers"] = self.create_lifecycle_publisher(MarkerArray, "markers", 10)
             self._pubs["object_cloud"] = self.create_lifecycle_publisher(PointCloud2, "object_cloud", 2)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # configure to cleanup, not activate to deactivate: a call waiting in the worker's queue at deactivate is
+        # answered after deactivate returns, through this service; an inactive node answers at once that it is.
+        # A group of its own that lets calls overlap: a waiting call must block neither the next call nor the
+        # node's other callbacks (rclpy counts a coroutine as running in its group until it returns).
+        self._service = self.create_service(Segment, "segment", self._on_segment,
+                                            callback_group=ReentrantCallbackGroup())
         self._timers.append(self.create_timer(self.p("diagnostics_period_s"), self._publish_diagnostics))
         self._timers.append(self.create_timer(5.0, self._check_input_alive))
         self.get_logger().info(f"configured: model {self._model_desc} on {self._device_desc}")
@@ -234,6 +243,9 @@ class PixelSailNode(LifecycleNode):
         for t in self._timers:
             self.destroy_timer(t)
         self._timers = []
+        if self._service is not None:
+            self.destroy_service(self._service)
+            self._service = None
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -300,48 +312,42 @@ class PixelSailNode(LifecycleNode):
 
     def _create_inputs(self) -> None:
         qos = self._image_qos()
-        grp = self._cb_inputs
         topic = self._image_topic()
         msg_type = CompressedImage if self.p("use_compressed") else Image
         self._transport_gaps.reset_streams()  # what was sent while unsubscribed was not lost in transport
         # Newer rclpy passes message info (for the transport-loss count); Humble's calls with the message alone.
         on_image = self._on_image if _RCLPY_MESSAGE_INFO else (lambda msg: self._on_image(msg, None))
         self._subs = [
-            self.create_subscription(msg_type, topic, on_image, qos, callback_group=grp,
+            self.create_subscription(msg_type, topic, on_image, qos,
                                      event_callbacks=self._qos_warning(topic)),
-            self.create_subscription(String, "prompt", self._on_prompt, 10, callback_group=grp),
-            self.create_subscription(PointStamped, "click", self._on_click, 10, callback_group=grp),
+            self.create_subscription(String, "prompt", self._on_prompt, 10),
+            self.create_subscription(PointStamped, "click", self._on_click, 10),
         ]
         if self.p("use_depth"):
             self._subs += [
-                self.create_subscription(Image, "depth", self._on_depth, qos, callback_group=grp,
+                self.create_subscription(Image, "depth", self._on_depth, qos,
                                          event_callbacks=self._qos_warning("depth")),
-                self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos, callback_group=grp),
+                self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos),
             ]
             if self.p("target_frame"):
                 self._subs += self._tf_subscriptions()
-        self._service = self.create_service(Segment, "segment", self._on_segment, callback_group=self._cb_service)
 
     def _tf_subscriptions(self) -> list[Any]:
-        """/tf and /tf_static (absolute, as tf2 listeners use them), with tf2's QoS, in their own callback group so
-        transforms keep arriving while the worker waits for one."""
+        """/tf and /tf_static (absolute, as tf2 listeners use them), with tf2's QoS; the executor keeps taking
+        transforms while the worker waits for one."""
         from tf2_msgs.msg import TFMessage
 
-        grp = MutuallyExclusiveCallbackGroup()
         dynamic = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE)
         static = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        return [self.create_subscription(TFMessage, "/tf", self._on_tf, dynamic, callback_group=grp),
-                self.create_subscription(TFMessage, "/tf_static", self._on_tf_static, static, callback_group=grp)]
+        return [self.create_subscription(TFMessage, "/tf", self._on_tf, dynamic),
+                self.create_subscription(TFMessage, "/tf_static", self._on_tf_static, static)]
 
     def _destroy_inputs(self) -> None:
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        if self._service is not None:
-            self.destroy_service(self._service)
-            self._service = None
 
     def _decode(self, msg: Any) -> np.ndarray:
         if isinstance(msg, CompressedImage):
@@ -467,6 +473,8 @@ class PixelSailNode(LifecycleNode):
         if self._worker is not None:
             self._worker.join(timeout=timeout)  # a daemon thread: at process exit it dies with it
             self._worker = None
+        for call in self._queue.drain_calls():  # their clients are waiting: answer, never leave them hanging
+            call.future.set_result((None, "the node was deactivated before this request ran"))
 
     def _work_loop(self) -> None:
         while not self._queue.stopped:
@@ -475,7 +483,9 @@ class PixelSailNode(LifecycleNode):
             if job is None:
                 continue
             try:
-                if isinstance(job, ClickRequest):
+                if isinstance(job, ServiceCall):
+                    self._run_call(job)
+                elif isinstance(job, ClickRequest):
                     self._run_click(job)
                 else:
                     self._run_prompt(job)
@@ -497,6 +507,16 @@ class PixelSailNode(LifecycleNode):
             return
         self._queue_wait.add(time.monotonic() - frame.received)
         self._answer(frame, text=prompt, points=[], boxes=[], describe=False)
+
+    def _run_call(self, call: ServiceCall) -> None:
+        try:
+            result = self._answer(call.frame, text=call.text, points=call.points, boxes=call.boxes,
+                                  describe=call.describe)
+        except Exception as exc:  # engine failures become an answer, never a dead node
+            self._engine_failed(exc)
+            call.future.set_result((None, self._last_error))
+            return
+        call.future.set_result((result, None))
 
     def _run_click(self, click: ClickRequest) -> None:
         self._answer(click.frame, text="", points=[(click.x, click.y)], boxes=[], describe=self.p("describe_clicks"))
@@ -620,8 +640,11 @@ class PixelSailNode(LifecycleNode):
             pubs["object_cloud"].publish(point_cloud.make_point_cloud2(points, header_3d))
 
     # ------------------------------------------------------------------ service
-    def _on_segment(self, req: Segment.Request, resp: Segment.Response) -> Segment.Response:
+    async def _on_segment(self, req: Segment.Request, resp: Segment.Response) -> Segment.Response:
+        """Validate here, run in the worker: while it runs, this coroutine waits and the executor keeps spinning."""
         try:
+            if self._worker is None:
+                raise ValueError("the node is not active: activate it first (lifecycle transition 'activate')")
             frame = self._service_frame(req)
             h, w = frame.rgb.shape[:2]
             text = conversions.validate_prompt(req.text, self.p("max_prompt_chars")) if req.text.strip() else ""
@@ -640,13 +663,18 @@ class PixelSailNode(LifecycleNode):
             self._last_error = f"segment request rejected: {text}"
             log_warning(self.get_logger(), self._last_error)
             return resp
-        try:
-            resp.result = self._answer(frame, text=text, points=[tuple(p) for p in points],
-                                       boxes=[tuple(b) for b in boxes], describe=req.describe)
-        except Exception as exc:  # engine failures become an answer, never a dead node
-            self._engine_failed(exc)
-            resp.success, resp.message = False, self._last_error
+        future = Future(executor=self.executor)
+        future.add_done_callback(lambda _: None)  # a done callback is what makes the worker's answer wake the executor
+        call = ServiceCall(frame, text, [tuple(p) for p in points], [tuple(b) for b in boxes], req.describe, future)
+        if not self._queue.put_call(call):
+            resp.success, resp.message = False, f"busy: {self._queue.max_calls} segment calls are already waiting"
+            self._count_error("service", f"segment request rejected: {resp.message}")
             return resp
+        result, error = await future
+        if error is not None:
+            resp.success, resp.message = False, error
+            return resp
+        resp.result = result
         resp.success = True
         resp.message = f"{len(resp.result.objects)} object(s)"
         return resp
@@ -690,6 +718,7 @@ class PixelSailNode(LifecycleNode):
             "frames_lost_in_transport": self._transport_gaps.lost,
             "transport_loss_counted": _COUNTED[self._transport_gaps.supported],
             "clicks_rejected": self._queue.clicks_rejected,
+            "segment_calls_rejected": self._queue.calls_rejected,
             "output_rate_hz": round(self._latency.rate_hz(), 3),
             "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),
             "latency_ms_p95": round(1000 * self._latency.percentile(95), 2),
@@ -724,7 +753,7 @@ def main(args: Optional[list[str]] = None) -> int:
     """Entry point of `pixel_sail_node`: configure + activate unless autostart is false, then spin."""
     rclpy.init(args=args)
     node = PixelSailNode()
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = SingleThreadedExecutor()  # the model runs in the node's worker thread (module docstring: why)
     executor.add_node(node)
     code = 0
     try:

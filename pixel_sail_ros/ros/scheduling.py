@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, Optional, TypeVar, Union
 
 import numpy as np
 
@@ -41,6 +41,25 @@ class ClickRequest:
     x: float
     y: float
     frame: Frame
+
+
+@dataclass
+class ServiceCall:
+    """A ``segment`` service request, run by the worker like everything else that touches the model.
+
+    ``future`` is what the service's coroutine awaits (an rclpy Future; here only its ``set_result`` is used): the
+    worker sets it to ``(result, None)`` or ``(None, error message)``, so the executor thread never runs the model.
+    """
+
+    frame: Frame
+    text: str
+    points: list
+    boxes: list
+    describe: bool
+    future: Any
+
+
+Job = Union[ServiceCall, ClickRequest, Frame]
 
 
 class LatestSlot(Generic[T]):
@@ -79,18 +98,22 @@ class LatestSlot(Generic[T]):
 
 
 class WorkQueue:
-    """What the single inference worker waits on: the newest frame for the standing prompt, and clicks.
+    """What the single inference worker waits on: service calls, clicks, and the newest frame for the standing prompt.
 
-    Clicks are user commands, so they are never replaced silently: they queue up to ``max_clicks`` and an
-    overflow is counted and reported. Frames for the standing prompt only ever keep the newest one.
+    Service calls and clicks are user commands, so they are never replaced silently: they queue (service calls
+    first: a client is blocked on each) up to ``max_calls`` / ``max_clicks``, and an overflow is counted and
+    reported. Frames for the standing prompt only ever keep the newest one.
     """
 
-    def __init__(self, max_clicks: int = 8) -> None:
+    def __init__(self, max_clicks: int = 8, max_calls: int = 16) -> None:
         self._cond = threading.Condition()
         self.frames: LatestSlot[Frame] = LatestSlot()
         self.clicks: deque[ClickRequest] = deque()
+        self.calls: deque[ServiceCall] = deque()
         self.max_clicks = max_clicks
+        self.max_calls = max_calls
         self.clicks_rejected = 0
+        self.calls_rejected = 0
         self._stopped = False
         self._prompt_active = False
         self.frame_wait = 0.0  # seconds the worker may wait for a frame that is about to arrive; 0 = never
@@ -136,6 +159,23 @@ class WorkQueue:
             self._cond.notify_all()
             return True
 
+    def put_call(self, call: ServiceCall) -> bool:
+        """Queue a service call; False (and counted) when ``max_calls`` are already waiting."""
+        with self._cond:
+            if len(self.calls) >= self.max_calls:
+                self.calls_rejected += 1
+                return False
+            self.calls.append(call)
+            self._cond.notify_all()
+            return True
+
+    def drain_calls(self) -> list[ServiceCall]:
+        """Take every waiting service call (to answer them when the worker stops before running them)."""
+        with self._cond:
+            calls = list(self.calls)
+            self.calls.clear()
+            return calls
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -151,11 +191,14 @@ class WorkQueue:
     def stopped(self) -> bool:
         return self._stopped
 
-    def next_job(self, timeout: float | None = None) -> ClickRequest | Frame | None:
-        """Block until there is a click (first) or a fresh frame with an active prompt; None on stop/timeout."""
+    def next_job(self, timeout: float | None = None) -> Job | None:
+        """Block until there is a service call, a click (in that order) or a fresh frame with an active prompt;
+        None on stop/timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._stopped:
+                if self.calls:
+                    return self.calls.popleft()
                 if self.clicks:
                     return self.clicks.popleft()
                 if self._prompt_active and self.frames.has_fresh():
@@ -163,10 +206,10 @@ class WorkQueue:
                     due = self._next_frame_due(frame)
                     if due is None:
                         return self.frames.take()
-                    while (not self._stopped and not self.clicks and self.frames.peek() is frame
+                    while (not self._stopped and not self.calls and not self.clicks and self.frames.peek() is frame
                            and time.monotonic() < due):
                         self._cond.wait(due - time.monotonic())
-                    continue  # a click first; else the newer frame, or this one once it is past due
+                    continue  # a call or click first; else the newer frame, or this one once it is past due
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None

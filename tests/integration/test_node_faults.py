@@ -6,12 +6,14 @@ the fault can be placed); the others start the node as its own process, as a use
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
@@ -44,55 +48,109 @@ def _ns() -> str:
     return "/f" + uuid.uuid4().hex[:10]
 
 
-def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -> None:
-    ns = _ns()
+@contextlib.contextmanager
+def _in_process_node(ns: str, model_dir: str) -> Iterator[PixelSailNode]:
+    """The real node, active and spun as `pixel_sail_node` spins it, but in this process so faults can be placed."""
     ctx = Context()
     rclpy.init(context=ctx, signal_handler_options=SignalHandlerOptions.NO)
     node = PixelSailNode(context=ctx, namespace=ns, parameter_overrides=[
         Parameter("model_path", value=model_dir), Parameter("device", value="cpu"),
         Parameter("diagnostics_period_s", value=0.2)])
-    executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+    executor = SingleThreadedExecutor(context=ctx)
     executor.add_node(node)
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
-    client = Client(ns, "fault_client")
     try:
-        real = node._engine.segment
-        failures = []
-
-        def fail_once(*args, **kwargs):
-            if not failures:
-                failures.append(1)
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real(*args, **kwargs)
-
-        before = node.errors
-        node._on_image(object(), object())  # not an Image (nor message info): counted and logged, never raised
-        node._on_depth(b"garbage")
-        assert node.errors == before + 2
-        node._engine.segment = fail_once
-        diags: list[DiagnosticArray] = []
-        client.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
-        cli = client.node.create_client(Segment, "segment")
-        assert client.spin_until(cli.service_is_ready, 20)
-        frame = render_frame(99, 0, 160, 120)
-        img = numpy_to_image(frame.rgb, "rgb8")
-        failed = client.call(cli, Segment.Request(image=img, text="red circle"))
-        assert not failed.success and "out of memory" in failed.message, failed.message
-        assert client.spin_until(lambda: any(s.level == DiagnosticStatus.ERROR and "out of memory" in s.message
-                                             for m in diags for s in m.status), 5), "no ERROR diagnostics"
-        ok = client.call(cli, Segment.Request(image=img, text="red circle"))
-        assert ok.success, ok.message
-        assert node.errors >= 1 and node.results >= 1
+        yield node
     finally:
-        client.close()
         executor.shutdown(timeout_sec=1)
         node._stop_worker(timeout=2)
         node._release_engine()
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -> None:
+    ns = _ns()
+    with _in_process_node(ns, model_dir) as node:
+        client = Client(ns, "fault_client")
+        try:
+            real = node._engine.segment
+            failures = []
+
+            def fail_once(*args, **kwargs):
+                if not failures:
+                    failures.append(1)
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return real(*args, **kwargs)
+
+            before = node.errors
+            node._on_image(object(), object())  # not an Image (nor message info): counted and logged, never raised
+            node._on_depth(b"garbage")
+            assert node.errors == before + 2
+            node._engine.segment = fail_once
+            diags: list[DiagnosticArray] = []
+            client.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
+            cli = client.node.create_client(Segment, "segment")
+            assert client.spin_until(cli.service_is_ready, 20)
+            frame = render_frame(99, 0, 160, 120)
+            img = numpy_to_image(frame.rgb, "rgb8")
+            failed = client.call(cli, Segment.Request(image=img, text="red circle"))
+            assert not failed.success and "out of memory" in failed.message, failed.message
+            assert client.spin_until(lambda: any(s.level == DiagnosticStatus.ERROR and "out of memory" in s.message
+                                                 for m in diags for s in m.status), 5), "no ERROR diagnostics"
+            ok = client.call(cli, Segment.Request(image=img, text="red circle"))
+            assert ok.success, ok.message
+            assert node.errors >= 1 and node.results >= 1
+        finally:
+            client.close()
+
+
+def test_a_slow_service_call_leaves_the_node_responsive_and_deactivate_answers_every_waiting_call(
+        model_dir: str) -> None:
+    """The service runs in the worker, so the single-threaded executor keeps serving topics and the lifecycle
+    while a call runs; a call still waiting when the node deactivates is answered, and so is one to an inactive
+    node."""
+    ns = _ns()
+    with _in_process_node(ns, model_dir) as node:
+        client = Client(ns, "slow_client")
+        try:
+            real, started, release = node._engine.segment, threading.Event(), threading.Event()
+
+            def slow(*args, **kwargs):
+                started.set()
+                assert release.wait(30)
+                return real(*args, **kwargs)
+
+            node._engine.segment = slow
+            cli = client.node.create_client(Segment, "segment")
+            change = client.node.create_client(ChangeState, "pixel_sail/change_state")
+            prompt = client.node.create_publisher(String, "prompt", 10)
+            assert client.spin_until(lambda: cli.service_is_ready() and change.service_is_ready()
+                                     and prompt.get_subscription_count() > 0, 20)
+            img = numpy_to_image(render_frame(99, 0, 160, 120).rgb, "rgb8")
+            running = cli.call_async(Segment.Request(image=img, text="red circle"))
+            assert client.spin_until(started.is_set, 20), "the first call never reached the engine"
+            waiting = cli.call_async(Segment.Request(image=img, text="green square"))
+            assert client.spin_until(lambda: len(node._queue.calls) == 1, 10), "the second call was not queued"
+            prompt.publish(String(data="blue triangle"))  # taken by the executor while the model is busy
+            assert client.spin_until(lambda: node._prompt == "blue triangle", 10), "the executor was blocked"
+            deactivate = ChangeState.Request()
+            deactivate.transition.id = Transition.TRANSITION_DEACTIVATE
+            transition = change.call_async(deactivate)
+            client.spin_until(lambda: False, 0.3)  # the transition now waits for the worker's running call
+            release.set()
+            assert client.spin_until(lambda: running.done() and waiting.done() and transition.done(), 30)
+            assert running.result().success, running.result().message
+            assert not waiting.result().success and "deactivated before this request ran" in waiting.result().message
+            assert transition.result().success
+            inactive = client.call(cli, Segment.Request(image=img, text="red circle"), timeout=10)
+            assert not inactive.success and "not active" in inactive.message, inactive.message
+        finally:
+            release.set()
+            client.close()
 
 
 @pytest.mark.parametrize("params, needle", [

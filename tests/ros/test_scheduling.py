@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pixel_sail_ros.ros.scheduling import (ClickRequest, Frame, LatestSlot, RollingStats, SequenceGaps, StampedBuffer,
-                                          WorkQueue)
+from pixel_sail_ros.ros.scheduling import (ClickRequest, Frame, LatestSlot, RollingStats, SequenceGaps, ServiceCall,
+                                          StampedBuffer, WorkQueue)
 
 
 def _frame(i: int) -> Frame:
@@ -50,6 +50,31 @@ def test_clicks_go_first_and_overflow_is_counted() -> None:
     assert not q.put_click(ClickRequest(3, 3, _frame(1))) and q.clicks_rejected == 1
     assert isinstance(q.next_job(0.01), ClickRequest) and q.next_job(0.01).x == 2
     assert isinstance(q.next_job(0.01), Frame)
+
+
+def _call(i: int) -> ServiceCall:
+    return ServiceCall(_frame(i), f"call {i}", [], [], False, future=None)
+
+
+def test_service_calls_go_before_clicks_and_frames_in_order_and_overflow_is_counted() -> None:
+    q = WorkQueue(max_calls=2)
+    q.set_prompt_active(True)
+    q.put_frame(_frame(1))
+    assert q.put_click(ClickRequest(1, 1, _frame(1)))
+    assert q.put_call(_call(1)) and q.put_call(_call(2))
+    assert not q.put_call(_call(3)) and q.calls_rejected == 1 and q.clicks_rejected == 0
+    assert [q.next_job(0.01).text for _ in range(2)] == ["call 1", "call 2"]
+    assert isinstance(q.next_job(0.01), ClickRequest)
+    assert isinstance(q.next_job(0.01), Frame)
+
+
+def test_drain_calls_hands_back_what_the_worker_never_took() -> None:
+    q = WorkQueue()
+    for i in range(3):
+        q.put_call(_call(i))
+    assert q.next_job(0.01).text == "call 0"
+    q.stop()
+    assert [c.text for c in q.drain_calls()] == ["call 1", "call 2"] and not q.drain_calls()
 
 
 def test_worker_wakes_on_frame_and_stops() -> None:
@@ -154,6 +179,16 @@ def test_a_stale_frame_waits_for_the_next_one_due_soon() -> None:
     assert isinstance(job, Frame) and job.header == "next"
     assert time.monotonic() - start >= 0.015
     assert q.frames.dropped == 3 + 1  # the three older ones, and the stale one the worker did not start on
+
+
+def test_a_service_call_ends_the_wait_for_the_next_frame() -> None:
+    q = _waiting_queue(2.0)
+    _camera(q, period=1.0, last_age=0.7)  # the worker would wait ~0.5 s for the next frame
+    threading.Timer(0.01, q.put_call, args=(_call(5),)).start()
+    start = time.monotonic()
+    job = q.next_job(timeout=3.0)
+    assert isinstance(job, ServiceCall) and job.text == "call 5"
+    assert time.monotonic() - start < 0.4, "the call waited for the frame"
 
 
 def test_a_stale_frame_is_taken_once_its_successor_is_overdue() -> None:
