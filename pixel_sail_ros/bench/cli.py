@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-first-turn", default="on", choices=("on", "off"),
                    help="model and node suites: read the question (and its draft) in the image prefix's own decoder "
                         "pass (the engine's and the node's fuse_first_turn; default: on, as it is)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model suite, and the node suite's "
+                   "num_threads parameter (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per model entry, or timed optimizer steps per precision in the train suite "
                         "(default: by cost; train 12)")
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
                                      seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
                                      speculative=args.speculative == "on", compile_image=args.compile_image == "on",
-                                     fuse_first_turn=args.fuse_first_turn == "on")
+                                     fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0)
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

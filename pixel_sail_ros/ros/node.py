@@ -5,8 +5,8 @@ one worker thread runs the model on whatever is newest when it is free, so laten
 model drops frames (counted) instead of queueing them. Clicks and `segment` service calls go to the same
 worker (the service's callback is a coroutine that awaits the worker's answer), so only the worker ever runs
 the model and everything else is spun by one single-threaded executor. Why not rclpy's MultiThreadedExecutor:
-its pool threads contend with the worker for the interpreter, and on a 2-core CPU that made the engine's
-median a third slower and gave it stalls of up to 2 s (README, Performance). The model is loaded once in
+spinning it beside the worker made the engine's median a quarter slower on a 2-core CPU and gave it stalls
+of up to 2 s (README, Performance, One executor thread; scripts/executor_probe.py). The model is loaded once in
 `configure` and freed in `deactivate`.
 """
 

@@ -25,13 +25,13 @@ NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "ec
 @pytest.mark.timeout(240)
 def test_node_suite_short(bench_model_dir: str) -> None:
     code, doc, err = run_bench("--suite", "node", "--json", "--quick", "--seconds", "10", "--device", "cpu",
-                               "--model-path", bench_model_dir, "--frame-wait-ms", "15", timeout=200)
+                               "--model-path", bench_model_dir, "--frame-wait-ms", "15", "--threads", "1", timeout=200)
     assert code == 0, err[-3000:]
     node = doc["node"]
     missing = [k for k in NODE_KEYS if k not in node]
     assert not missing, missing
     assert node["frames_sent"] >= 300 and node["stream_frames"] == 300  # 10 s at 30 Hz
-    assert node["frame_wait_ms"] == 15.0  # the setting is reported with the figures
+    assert node["frame_wait_ms"] == 15.0 and node["node_num_threads"] == 1  # settings are reported with the figures
     assert node["compile_image"] is False and 0 < node["first_result_s"] < 60  # primed before the timed stream
     assert node["results"] > 0 and node["results_measured"] > 0
     assert node["results_for_unknown_frames"] == 0  # every result carries a header this run sent
@@ -131,3 +131,23 @@ def test_target_flags() -> None:
     assert not flags["overhead_within_10ms"] and not flags["overhead_within_2x_echo"]
     assert flags["idle_overhead_within_10ms"] and flags["idle_overhead_within_2x_echo"]
     assert not any(v for k, v in target_flags(None, None, None).items() if k != "overhead_vs_echo")
+
+
+@pytest.mark.slow
+@pytest.mark.ros
+@pytest.mark.timeout(120)
+def test_executor_probe_times_the_engine_beside_a_spinning_stream() -> None:
+    """scripts/executor_probe.py (how the node's stalls were traced): the stream really reaches the spun executor
+    while the engine is timed, and its figures are consistent."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "executor_probe.py"), "--executor", "single",
+                           "--seconds", "3", "--threads", "1"], capture_output=True, text=True, timeout=100, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["executor"] == "single" and out["frames_received"] > 20, out  # 3 s of a 30 Hz stream, after discovery
+    assert out["requests"] > 5 and 0 < out["engine_ms_p50"] <= out["engine_ms_p95"] <= out["engine_ms_max"], out

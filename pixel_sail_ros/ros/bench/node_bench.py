@@ -269,10 +269,11 @@ def target_flags(overhead: Optional[float], idle: Optional[float], hop: Optional
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 30.0,
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
-        compile_image: bool = False, fuse_first_turn: bool = True) -> dict[str, Any]:
+        compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline); ``speculative``,
-    ``compile_image`` and ``fuse_first_turn`` set the node's speculative_decoding, compile_image and
-    fuse_first_turn parameters."""
+    ``compile_image``, ``fuse_first_turn`` and ``num_threads`` set the node's speculative_decoding,
+    compile_image, fuse_first_turn and num_threads parameters (fewer threads: a slower model, to see that
+    frames still do not queue)."""
     import psutil
 
     from pixel_sail_ros.ros.parameters import BY_NAME
@@ -294,7 +295,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                                                  "frame_wait_ms": float(frame_wait_ms),
                                                  "speculative_decoding": bool(speculative),
                                                  "compile_image": bool(compile_image),
-                                                 "fuse_first_turn": bool(fuse_first_turn)})
+                                                 "fuse_first_turn": bool(fuse_first_turn),
+                                                 "num_threads": int(num_threads)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, PROMPT)
@@ -343,6 +345,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "speculative_decoding": bool(speculative),
             "compile_image": bool(compile_image),
             "fuse_first_turn": bool(fuse_first_turn),
+            "node_num_threads": int(num_threads),
             "first_result_s": rounded(prime_s, 2),
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),
