@@ -48,8 +48,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_rate_hz", 0.0, "Upper bound on continuous-prompt inferences per second; 0 = as fast as the model runs.",
               min_value=0.0, max_value=1000.0),
     ParamSpec("frame_wait_ms", 0.0, "When the worker frees up and the newest frame is already older than half the "
-              "camera period, wait up to this long for the next one: fresher results for a model about as slow as the "
-              "camera, at some output rate (README, Performance). 0 = off: start on the newest frame at once.",
+              "camera period, wait up to this long for the next one: fresher results for a model as slow as the camera "
+              "or slower, at some output rate (README, Performance). 0 = off: start on the newest frame at once.",
               min_value=0.0, max_value=1000.0),
     ParamSpec("max_frame_age_s", 1.0, "A click, or a segment call without its own image, uses the latest camera frame "
               "only if it arrived less than this long ago; older = a clear error (has the camera stopped?). 0 = any age.",

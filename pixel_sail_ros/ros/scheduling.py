@@ -7,8 +7,8 @@ replaced before the worker saw it is counted as dropped, so users can see it in 
 Why the worker may wait a moment: when it frees up, the newest frame is on average half a camera period old
 (17 ms at 30 Hz), and that age is part of every result's latency. If that frame is already older than half
 a period and the next one is due within ``frame_wait`` seconds, starting on the next one gives a result
-about a period fresher for a wait of less than half a period. Opt-in (the node's ``frame_wait_ms``): it trades output
-rate for freshness, which pays for a model about as slow as the camera, not for one several periods slow.
+about a period fresher for a wait of less than half a period. Opt-in (the node's ``frame_wait_ms``): it trades some output
+rate for fresher results, which paid for models as slow as the camera or slower (README, Performance).
 """
 
 from __future__ import annotations
