@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pixel_sail_ros.bench.stats import percentile, rounded
+
 TOPIC = "executor_probe_image"
 
 
@@ -39,10 +41,9 @@ def engine_times(seconds: float, threads: int) -> dict[str, Any]:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         times.append(1000 * engine.segment(frame, text="red circle").seconds)
-    ms = np.asarray(times)
-    return {"requests": len(ms), "engine_ms_p50": round(float(np.percentile(ms, 50)), 1),
-            "engine_ms_p95": round(float(np.percentile(ms, 95)), 1), "engine_ms_max": round(float(ms.max()), 1),
-            "over_100_ms": int((ms > 100).sum())}
+    return {"requests": len(times), "engine_ms_p50": rounded(percentile(times, 50), 1),
+            "engine_ms_p95": rounded(percentile(times, 95), 1), "engine_ms_max": rounded(max(times), 1),
+            "over_100_ms": sum(t > 100 for t in times)}
 
 
 def publish_stream() -> None:

@@ -653,8 +653,8 @@ class PixelSailNode(LifecycleNode):
                 [(b.x_offset, b.y_offset, b.x_offset + b.width, b.y_offset + b.height) for b in req.boxes], w, h)
             if not text and not points and not boxes:
                 raise ValueError("nothing to segment: give a text, points or boxes")
-            most = self._engine.processor.num_visual_prompts if self._engine is not None else None
-            if most is not None and len(points) + len(boxes) > most:
+            most = self._engine.processor.num_visual_prompts  # loaded while the worker runs (checked above)
+            if len(points) + len(boxes) > most:
                 raise ValueError(f"{len(points)} points and {len(boxes)} boxes: this model takes at most {most} together")
         except Exception as exc:  # noqa: BLE001 - a bad request is an answer, never a dead node
             text = str(exc) if isinstance(exc, ValueError) else f"malformed request ({type(exc).__name__}: {exc})"
