@@ -4,8 +4,8 @@ this process spins an rclpy executor subscribed to a 30 Hz 640x480 rgb8 stream p
     python scripts/executor_probe.py --executor multi|single|events|none [--seconds 30]
 
 `none` runs the engine alone (no ROS at all). Prints one JSON line: engine p50/p95/max and how many requests
-took over 100 ms. This is how the node's 0.1-2 s stalls were traced to rclpy's MultiThreadedExecutor (README,
-Performance, One executor thread). Run it with ROS_DOMAIN_ID set apart from other ROS processes.
+took over 100 ms. This is how the node's 0.1-2 s stalls were traced to rclpy's MultiThreadedExecutor
+(docs/PERFORMANCE.md, one executor thread). Run it with ROS_DOMAIN_ID set apart from other ROS processes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``torch.compile`` for the two passes of a request whose size is the image's: the prefix through the decoder
 and the pixel decoder.
 
-Why: on a small CPU most of a request is these two passes (README "Performance": ~15 and ~13 ms of the tiny
+Why: on a small CPU most of a request is these two passes (docs/PERFORMANCE.md: ~15 and ~13 ms of the tiny
 model's ~35 ms at 640×480), and eagerly a good share of each is per-operator work around the matrix products
 (norms, rotary, GELU, adds, layout copies) that the compiler fuses. The pixel decoder has the same shapes frame
 after frame (one camera = one patch grid), so it compiles once per grid (``dynamic=False``). The prefix pass also

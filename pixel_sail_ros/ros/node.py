@@ -6,7 +6,7 @@ model drops frames (counted) instead of queueing them. Clicks and `segment` serv
 worker (the service's callback is a coroutine that awaits the worker's answer), so only the worker ever runs
 the model and everything else is spun by one single-threaded executor. Why not rclpy's MultiThreadedExecutor:
 spinning it beside the worker made the engine's median a quarter slower on a 2-core CPU and gave it stalls
-of up to 2 s (README, Performance, One executor thread; scripts/executor_probe.py). The model is loaded once in
+of up to 2 s (docs/PERFORMANCE.md, one executor thread; scripts/executor_probe.py). The model is loaded once in
 `configure` and freed in `deactivate`.
 """
 
