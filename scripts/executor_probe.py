@@ -26,21 +26,22 @@ TOPIC = "executor_probe_image"
 
 
 def engine_times(seconds: float, threads: int) -> dict[str, Any]:
-    """Segment 'red circle' on the bench's 640x480 frames for ``seconds``; the engine's own time per request."""
+    """Segment the node suite's standing prompt on its 640x480 frame for ``seconds``; the engine's time per request."""
     import torch
 
     from pixel_sail_ros.engine import PixelSailEngine
+    from pixel_sail_ros.ros.bench.node_bench import PROMPT
     from pixel_sail_ros.training.camera_frames import render_frame
 
     torch.set_num_threads(threads)
     engine = PixelSailEngine.from_pretrained(None, device="cpu")
     frame = render_frame(7, 0, 640, 480).rgb  # the node suite's frame
     for _ in range(3):
-        engine.segment(frame, text="red circle")
+        engine.segment(frame, text=PROMPT)
     times = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        times.append(1000 * engine.segment(frame, text="red circle").seconds)
+        times.append(1000 * engine.segment(frame, text=PROMPT).seconds)
     return {"requests": len(times), "engine_ms_p50": rounded(percentile(times, 50), 1),
             "engine_ms_p95": rounded(percentile(times, 95), 1), "engine_ms_max": rounded(max(times), 1),
             "over_100_ms": sum(t > 100 for t in times)}

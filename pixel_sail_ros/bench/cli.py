@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="shm16", choices=("shm16", "default"),
                    help="node/soak suites: shm16 (default) gives Fast DDS a 16 MB shared-memory segment so camera "
                         "frames fit; 'default' keeps Fast DDS's 512 KB one, which loses most 640x480 best-effort frames")
+    p.add_argument("--prompt", default=None,
+                   help="node suite: the standing prompt (default: the bench frame's one yellow circle, answered with "
+                        "a mask; an absent object, e.g. 'red circle', times the 'No target.' path)")
     p.add_argument("--frame-wait-ms", type=float, default=None,
                    help="node suite: the node's frame_wait_ms parameter (default: the node's default)")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
                                      seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
                                      speculative=args.speculative == "on", compile_image=args.compile_image == "on",
-                                     fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0)
+                                     fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0,
+                                     **({"prompt": args.prompt} if args.prompt else {}))
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

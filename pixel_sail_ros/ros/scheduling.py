@@ -8,7 +8,8 @@ Why the worker may wait a moment: when it frees up, the newest frame is on avera
 (17 ms at 30 Hz), and that age is part of every result's latency. If that frame is already older than half
 a period and the next one is due within ``frame_wait`` seconds, starting on the next one gives a result
 about a period fresher for a wait of less than half a period. Opt-in (the node's ``frame_wait_ms``): it trades some output
-rate for fresher results, which paid for models as slow as the camera or slower (README, Performance).
+rate for fresher results, which paid in some measured runs of models as slow as the camera or slower and not
+in others (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
 
-from pixel_sail_ros.ros.bench.node_bench import Timed, summarise  # noqa: E402
+from pixel_sail_ros.ros.bench.node_bench import HEIGHT, PROMPT, WIDTH, Timed, summarise  # noqa: E402
 from pixel_sail_ros.ros.bench.soak import GARBAGE_KINDS, garbage_frame, rss_growth_pct  # noqa: E402
 
 from ..integration.node_harness import a_of_b  # noqa: E402
-from .conftest import run_bench  # noqa: E402
+from .conftest import BUNDLED, run_bench  # noqa: E402
 
 NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "echo_ms_p50", "echo_method",
              "dropped", "output_hz", "frames_sent", "p95_bound_ms", "p95_within_bound")
@@ -52,6 +52,19 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     assert node["queue_wait_ms_p50"] <= node["overhead_ms_p95"], (node["queue_wait_ms_p50"], node["overhead_ms_p95"])
     fused, answered = a_of_b(node["answers_from_the_image_pass"])
     assert fused == answered > 0, node["answers_from_the_image_pass"]
+    if bench_model_dir == str(BUNDLED):  # a trained model finds the prompt's object: the mask path was timed
+        assert node["prompt"] == PROMPT
+        assert node["results_with_objects"] == node["results_measured"], node["results_with_objects"]
+        assert node["idle_results_with_objects"] == node["idle_frames"] > 0
+
+
+def test_the_standing_prompt_names_one_object_of_the_bench_frame() -> None:
+    """The node suite times answers with a mask: its prompt must name exactly one object in its frame."""
+    from pixel_sail_ros.training.camera_frames import render_frame
+
+    color, shape = PROMPT.split()
+    objects = render_frame(7, 0, WIDTH, HEIGHT).scene.objects
+    assert sum(o.color == color and o.shape == shape for o in objects) == 1, [(o.color, o.shape) for o in objects]
 
 
 @pytest.mark.slow
@@ -114,9 +127,11 @@ def test_rss_growth_uses_the_samples_after_warmup() -> None:
 
 def test_summarise_keeps_the_window_and_computes_overhead() -> None:
     ms = 1_000_000
-    timed = [Timed(sent_ns=i * 100 * ms, recv_ns=i * 100 * ms + 60 * ms, engine_s=0.05) for i in range(10)]
+    timed = [Timed(sent_ns=i * 100 * ms, recv_ns=i * 100 * ms + 60 * ms, engine_s=0.05, objects=i % 3)
+             for i in range(10)]
     out = summarise(timed, window_start_ns=200 * ms, window_end_ns=900 * ms)
     assert out["results_measured"] == 8
+    assert out["results_with_objects"] == 5  # frames 2..9 in the window; 3, 6 and 9 had "No target."
     assert out["e2e_ms_p50"] == pytest.approx(60.0) and out["engine_ms_p50"] == pytest.approx(50.0)
     assert out["overhead_ms_p50"] == pytest.approx(10.0)
     assert out["p95_bound_ms"] == pytest.approx(120.0) and out["p95_within_bound"] is True

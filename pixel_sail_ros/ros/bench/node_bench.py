@@ -2,7 +2,8 @@
 
 Timeline of one run: (1) a trivial rclpy echo in its own process gets 640×480 rgb8 frames at 30 Hz and
 sends them back — its round trip halved is the transport cost of one hop; (2) the node starts in its own
-process with the model, gets the same stream with a standing prompt, and every ``segmentation`` result is
+process with the model, gets the same stream with a standing prompt (by default one the frame's objects answer,
+so each result has a mask; ``results_with_objects`` says how many did), and every ``segmentation`` result is
 timed against the publish time of the frame whose header it carries. Receive times are rmw's own receive
 timestamps (wall clock), so the bench's executor delay is not charged to the node.
 
@@ -32,7 +33,10 @@ log = logging.getLogger("pixel_sail_bench.node")
 
 WIDTH, HEIGHT, RATE_HZ = 640, 480, 30.0
 PRIME_TIMEOUT_S = 300.0  # the first answer, which with compile_image includes the compilation
-PROMPT = "red circle"
+# The bench frame (render_frame(7, 0)) holds one yellow circle, beside purple stars and a purple triangle, so the
+# standing prompt is answered with a mask: the model's pixel decoder runs and the result carries a mask, as when a
+# robot sees what it was asked for. An absent object ("red circle" here) is answered "No target." without either.
+PROMPT = "yellow circle"
 
 
 def resolve_model_dir(model_path: Optional[str]) -> tuple[str, str, Optional[str]]:
@@ -76,6 +80,7 @@ class Timed:
     sent_ns: int
     recv_ns: int
     engine_s: float
+    objects: int = 0  # objects in the result: 0 for "No target."
 
     @property
     def e2e_s(self) -> float:
@@ -179,7 +184,8 @@ class NodeStream:
         if key in self._prime_keys:
             self.primed += 1  # not timed: the first request may have compiled the model's passes
             return
-        (self.idle if key in self._ping_keys else self.timed).append(Timed(sent, recv, float(result.inference_seconds)))
+        timed = Timed(sent, recv, float(result.inference_seconds), len(result.objects))
+        (self.idle if key in self._ping_keys else self.timed).append(timed)
         self.last_result = time.monotonic()
 
     def matched(self) -> bool:
@@ -235,6 +241,7 @@ def summarise(timed: list[Timed], window_start_ns: int, window_end_ns: int) -> d
     e2e_p95 = 1000 * percentile(e2e, 95)
     return {
         "results_measured": len(kept),
+        "results_with_objects": sum(t.objects > 0 for t in kept),  # which path was timed: masks or "No target."
         "e2e_ms_p50": rounded(1000 * percentile(e2e, 50)),
         "e2e_ms_p95": rounded(e2e_p95),
         "engine_ms_p50": rounded(engine_p50),
@@ -269,8 +276,10 @@ def target_flags(overhead: Optional[float], idle: Optional[float], hop: Optional
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 30.0,
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
-        compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0) -> dict[str, Any]:
-    """The node suite's JSON object (see the module docstring for the timeline); ``speculative``,
+        compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0,
+        prompt: str = PROMPT) -> dict[str, Any]:
+    """The node suite's JSON object (see the module docstring for the timeline); ``prompt`` is the standing prompt
+    (default: the frame's one yellow circle, answered with a mask); ``speculative``,
     ``compile_image``, ``fuse_first_turn`` and ``num_threads`` set the node's speculative_decoding,
     compile_image, fuse_first_turn and num_threads parameters (fewer threads: a slower model, to see that
     frames still do not queue)."""
@@ -299,7 +308,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                                                  "num_threads": int(num_threads)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
-        stream = NodeStream(side, msg, PROMPT)
+        stream = NodeStream(side, msg, prompt)
         if not side.wait_for(stream.matched, 30.0):
             raise RuntimeError("the node's image/prompt subscriptions or segmentation publisher never matched")
         t_prime = time.monotonic()
@@ -340,7 +349,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "rate_hz": RATE_HZ,
             "seconds": seconds,
             "warmup_s": warmup_s,
-            "prompt": PROMPT,
+            "prompt": prompt,
             "frame_wait_ms": float(frame_wait_ms),
             "speculative_decoding": bool(speculative),
             "compile_image": bool(compile_image),
@@ -354,6 +363,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
             "idle_frames": len(stream.idle),
+            "idle_results_with_objects": sum(t.objects > 0 for t in stream.idle),
             "idle_frames_unanswered": ping_lost,
             "results": len(stream.timed) + len(stream.idle) + stream.primed,
             "frames_sent": len(stream.book),
