@@ -23,6 +23,8 @@ from pixel_sail_ros.bench.stats import percentile, rounded
 log = logging.getLogger("pixel_sail_bench.soak")
 
 RATE_HZ = 15.0
+# Prompt k is sent with scene k (both change every 2 s): "red circle" names an object of its scene, the other three
+# name absent ones, so both the mask path and the "No target." path run (answered_with_objects counts the first).
 PROMPTS = ("red circle", "the blue square", "green triangle", "a yellow star")
 PROMPT_PERIOD_S = 2.0
 CLICK_PERIOD_S = 3.0
@@ -127,6 +129,7 @@ class SoakDriver:
         self.garbage_keys: set[tuple[int, int]] = set()
         self.counts = {"good": 0, "garbage": 0, "prompts": 0, "clicks": 0, "bad_clicks": 0}
         self.answered: set[tuple[int, int]] = set()
+        self.answered_with_objects = 0  # the scenes and prompts pair up so that both paths run: masks, "No target."
         self.click_results = 0
         self.unknown_results = 0
         self.duplicate_answers = 0
@@ -158,6 +161,7 @@ class SoakDriver:
             if key in self.answered:
                 self.duplicate_answers += 1
             self.answered.add(key)
+            self.answered_with_objects += len(result.objects) > 0
             self.e2e.append((recv - sent) / 1e9)
 
     def prompt(self, i: int) -> None:
@@ -295,6 +299,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "bad_clicks_sent": driver.counts["bad_clicks"],
             "frames_received": received,
             "answered": answered,
+            "answered_with_objects": driver.answered_with_objects,
             "dropped": dropped,
             "frames_rejected": rejected,
             "frames_lost_in_transport": lost,
