@@ -9,6 +9,7 @@ question's previous answer (a camera stream asks the same thing frame after fram
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from .model.processing_pixel_sail import (
 )
 
 from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES, DTYPE_NAMES  # noqa: E402 (one definition, shared with the light tools)
+
+log = logging.getLogger(__name__)
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}  # the names are torch's own
@@ -230,8 +233,35 @@ class PixelSailEngine:
 
         Masks come in order: the text's, then one per point, then one per box (an answer of "No target."
         gives none). A prompted object is labelled with its description when ``describe`` is set.
+
+        If ``torch.compile`` cannot compile (``compile_image`` or ``decoding="compiled"``; e.g. no C++ compiler on a
+        CPU machine), the engine says so once, turns that option off and answers this request eagerly: a robot
+        whose image lacks a compiler still segments.
         """
         start = time.perf_counter()
+        try:
+            return self._segment(rgb, text, points, boxes, describe, start)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if not self._drop_compilation(exc):
+                raise
+        return self._segment(rgb, text, points, boxes, describe, start)
+
+    def _drop_compilation(self, exc: BaseException) -> bool:
+        """Turn off whatever runs through ``torch.compile`` after it failed; False when nothing did."""
+        dropped = []
+        if self._compiled is not None:
+            self._compiled, self.compile_image = None, False
+            dropped.append("compile_image")
+        if self.decoding == "compiled":
+            self.decoding, self._static = "static", static_decoding_for(self.model, "static")
+            dropped.append('decoding="compiled" (now "static")')
+        if dropped:
+            log.warning("torch.compile failed (%s: %s); turned off %s and answering eagerly",
+                        type(exc).__name__, str(exc).strip().splitlines()[0][:300], " and ".join(dropped))
+        return bool(dropped)
+
+    def _segment(self, rgb: np.ndarray, text: str, points: Any, boxes: Any, describe: bool,
+                 start: float) -> SegmentationOutput:
         image = _check_image(rgb)
         height, width = image.shape[:2]
         text = _check_text(text)

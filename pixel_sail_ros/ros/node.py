@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 import math
 import os
 import sys
@@ -95,6 +96,24 @@ class ThrottledLogger:
             getattr(self._logger, level)(message + suffix)
 
 
+class RosLogHandler(logging.Handler):
+    """The library's Python log records (``pixel_sail_ros.*``: e.g. the engine turning off a compilation that failed)
+    into the node's ROS logger, so they reach /rosout and the launch log like the node's own lines."""
+
+    def __init__(self, logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self._logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = f"{record.name}: {record.getMessage()}"
+        if record.levelno >= logging.ERROR:
+            self._logger.error(message)
+        elif record.levelno >= logging.WARNING:
+            log_warning(self._logger, message)
+        else:
+            self._logger.info(message)
+
+
 def guarded(callback):
     """Run a subscription callback so nothing a sender did can raise into rclpy's executor (and end the node):
     bad input (ValueError) is counted and logged by the callback itself; anything else is counted and logged here.
@@ -151,6 +170,12 @@ class PixelSailNode(LifecycleNode):
         self._timers: list[Any] = []
         self._device_desc = "not loaded"
         self._first_frame_warned = False
+        self._log_handler = RosLogHandler(self.get_logger())
+        logging.getLogger("pixel_sail_ros").addHandler(self._log_handler)
+
+    def destroy_node(self) -> Any:
+        logging.getLogger("pixel_sail_ros").removeHandler(self._log_handler)
+        return super().destroy_node()
 
     # ------------------------------------------------------------------ parameters
     def p(self, name: str) -> Any:

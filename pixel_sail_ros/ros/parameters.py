@@ -33,7 +33,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Performance).", choices=DECODING_MODES, read_only=True),
     ParamSpec("compile_image", False, "Run the image prefix and the pixel decoder through torch.compile: ~5 ms less "
               "per frame for the bundled model at 640x480 on a 2-core CPU (README Performance). The first frame of "
-              "each image size compiles (tens of seconds on a small CPU; frames meanwhile are dropped and counted).",
+              "each image size compiles (tens of seconds on a small CPU; frames meanwhile are dropped and counted). "
+              "On the CPU it needs a C++ compiler: without one the first request logs why and the node runs eagerly.",
               read_only=True),
     ParamSpec("speculative_decoding", True, "Draft each answer from the same question's previous answer (a standing "
               "prompt asks the same thing every frame) and verify the draft in one decoder pass. The answers are the "

@@ -7,6 +7,7 @@ the fault can be placed); the others start the node as its own process, as a use
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 import threading
@@ -35,7 +36,7 @@ from std_msgs.msg import String  # noqa: E402
 
 from pixel_sail_ros.msg import SegmentationResult  # noqa: E402
 from pixel_sail_ros.ros.image_conversion import numpy_to_image, rgb8_to_compressed  # noqa: E402
-from pixel_sail_ros.ros.node import PixelSailNode  # noqa: E402
+from pixel_sail_ros.ros.node import PixelSailNode, RosLogHandler  # noqa: E402
 from pixel_sail_ros.training.camera_frames import render_frame  # noqa: E402
 from pixel_sail_ros.srv import Segment  # noqa: E402
 
@@ -70,6 +71,18 @@ def _in_process_node(ns: str, model_dir: str) -> Iterator[PixelSailNode]:
         node._release_engine()
         node.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def test_the_library_s_warnings_reach_the_node_s_ros_log(model_dir: str, capfd: pytest.CaptureFixture) -> None:
+    """The engine warns through Python logging (e.g. a failed compilation it turned off): the node forwards it to
+    its ROS logger, and stops forwarding when it is destroyed."""
+    library = logging.getLogger("pixel_sail_ros")
+    with _in_process_node(_ns(), model_dir):
+        logging.getLogger("pixel_sail_ros.engine").warning("torch.compile failed (probe %d)", 7)
+        err = capfd.readouterr().err
+    assert "pixel_sail_ros.engine: torch.compile failed (probe 7)" in err, err[-2000:]
+    assert "pixel_sail]" in err.split("pixel_sail_ros.engine: torch.compile failed")[0].splitlines()[-1]  # its logger
+    assert not any(isinstance(h, RosLogHandler) for h in library.handlers)
 
 
 def test_engine_failure_is_reported_and_the_next_request_works(model_dir: str) -> None:
