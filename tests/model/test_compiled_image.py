@@ -85,17 +85,17 @@ def test_prefill_with_compiled_passes_gives_the_eager_prefix(model, processor, i
 
 
 @pytest.mark.slow
-def test_without_a_working_compiler_the_engine_answers_eagerly(engines, monkeypatch, caplog):
+def test_without_a_working_compiler_the_engine_answers_eagerly(engines, caplog):
     """A robot image without a C++ compiler: the first request notices, turns compilation off, and still answers."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
     eager, _ = engines
     engine = PixelSailEngine(eager.model, eager.processor, compile_image=True, decoding="compiled")
     # a size no other test compiles: no in-process kernel cache can stand in for the missing compiler
     image = np.ascontiguousarray(next(_requests(1, 272))[0][:208, :176])
-    with caplog.at_level("WARNING", logger="pixel_sail_ros.engine"):
+    # inductor's own patch (monkeypatch would delete its config entries on undo, breaking later compilations)
+    with caplog.at_level("WARNING", logger="pixel_sail_ros.engine"), \
+            inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
         out = engine.segment(image, text="red circle", points=[(40, 50)], describe=True)
     assert "torch.compile failed" in caplog.text and "compile_image" in caplog.text
     assert engine.compile_image is False and engine._compiled is None and engine.decoding == "static"
