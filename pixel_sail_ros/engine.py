@@ -36,6 +36,7 @@ from .model.processing_pixel_sail import (
 from pixel_sail_ros import BUNDLED_CHECKPOINT, DECODING_MODES, DTYPE_NAMES  # noqa: E402 (one definition, shared with the light tools)
 
 log = logging.getLogger(__name__)
+
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}  # the names are torch's own
