@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None,
                    help="node suite: the standing prompt (default: the bench frame's one yellow circle, answered with "
                         "a mask; an absent object, e.g. 'red circle', times the 'No target.' path)")
+    p.add_argument("--absent-prompt", default=None,
+                   help="node suite: the prompt of the shorter second stream, for an object the frame lacks (default: "
+                        "'red circle'; its figures go to node.no_target; '' skips it)")
     p.add_argument("--frame-wait-ms", type=float, default=None,
                    help="node suite: the node's frame_wait_ms parameter (default: the node's default)")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")
@@ -135,11 +138,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from pixel_sail_ros.ros.bench import node_bench
 
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
+        prompts = {"prompt": args.prompt} if args.prompt else {}
+        if args.absent_prompt is not None:
+            prompts["absent_prompt"] = args.absent_prompt or None  # '' skips the second stream
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
                                      seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
                                      speculative=args.speculative == "on", compile_image=args.compile_image == "on",
                                      fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0,
-                                     **({"prompt": args.prompt} if args.prompt else {}))
+                                     **prompts)
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak

@@ -10,7 +10,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
 
-from pixel_sail_ros.ros.bench.node_bench import HEIGHT, PROMPT, WIDTH, Timed, summarise  # noqa: E402
+from pixel_sail_ros.ros.bench.node_bench import ABSENT_PROMPT, HEIGHT, PROMPT, WIDTH, Timed, summarise  # noqa: E402
 from pixel_sail_ros.ros.bench.soak import GARBAGE_KINDS, garbage_frame, rss_growth_pct  # noqa: E402
 
 from ..integration.node_harness import a_of_b  # noqa: E402
@@ -56,15 +56,27 @@ def test_node_suite_short(bench_model_dir: str) -> None:
         assert node["prompt"] == PROMPT
         assert node["results_with_objects"] == node["results_measured"], node["results_with_objects"]
         assert node["idle_results_with_objects"] == node["idle_frames"] > 0
+    # then the "No target." path: a shorter stream with a prompt for an object the frame lacks
+    absent = node["no_target"]
+    assert absent["prompt"] == ABSENT_PROMPT and absent["results_measured"] > 0
+    assert absent["e2e_ms_p50"] >= absent["engine_ms_p50"] > 0 and absent["overhead_vs_echo"] > 0
+    if bench_model_dir == str(BUNDLED):
+        assert absent["results_with_objects"] == 0
+        assert absent["engine_ms_p50"] < node["engine_ms_p50"]  # no pixel decoder, no mask
 
 
 def test_the_standing_prompt_names_one_object_of_the_bench_frame() -> None:
-    """The node suite times answers with a mask: its prompt must name exactly one object in its frame."""
+    """The node suite times answers with a mask, then "No target." answers: its prompts must name exactly one object
+    of its frame, and none."""
     from pixel_sail_ros.training.camera_frames import render_frame
 
-    color, shape = PROMPT.split()
     objects = render_frame(7, 0, WIDTH, HEIGHT).scene.objects
-    assert sum(o.color == color and o.shape == shape for o in objects) == 1, [(o.color, o.shape) for o in objects]
+
+    def count(phrase: str) -> int:
+        color, shape = phrase.split()
+        return sum(o.color == color and o.shape == shape for o in objects)
+
+    assert count(PROMPT) == 1 and count(ABSENT_PROMPT) == 0, [(o.color, o.shape) for o in objects]
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Timeline of one run: (1) a trivial rclpy echo in its own process gets 640×480 r
 sends them back — its round trip halved is the transport cost of one hop; (2) the node starts in its own
 process with the model, gets the same stream with a standing prompt (by default one the frame's objects answer,
 so each result has a mask; ``results_with_objects`` says how many did), and every ``segmentation`` result is
-timed against the publish time of the frame whose header it carries. Receive times are rmw's own receive
+timed against the publish time of the frame whose header it carries; then a shorter stream with a prompt for an
+object the frame lacks times the "No target." path (``no_target``). Receive times are rmw's own receive
 timestamps (wall clock), so the bench's executor delay is not charged to the node.
 
 ``queue_wait_ms_p50/p95`` come from the node's /diagnostics as the stream ends (its last 200 answers): how long a
@@ -37,6 +38,7 @@ PRIME_TIMEOUT_S = 300.0  # the first answer, which with compile_image includes t
 # standing prompt is answered with a mask: the model's pixel decoder runs and the result carries a mask, as when a
 # robot sees what it was asked for. An absent object ("red circle" here) is answered "No target." without either.
 PROMPT = "yellow circle"
+ABSENT_PROMPT = "red circle"  # then a shorter stream with this one: the "No target." path (``node["no_target"]``)
 
 
 def resolve_model_dir(model_path: Optional[str]) -> tuple[str, str, Optional[str]]:
@@ -81,6 +83,7 @@ class Timed:
     recv_ns: int
     engine_s: float
     objects: int = 0  # objects in the result: 0 for "No target."
+    prompt: str = ""  # the prompt the node answered (a result in flight as the prompt changes has the old one)
 
     @property
     def e2e_s(self) -> float:
@@ -184,7 +187,7 @@ class NodeStream:
         if key in self._prime_keys:
             self.primed += 1  # not timed: the first request may have compiled the model's passes
             return
-        timed = Timed(sent, recv, float(result.inference_seconds), len(result.objects))
+        timed = Timed(sent, recv, float(result.inference_seconds), len(result.objects), result.prompt)
         (self.idle if key in self._ping_keys else self.timed).append(timed)
         self.last_result = time.monotonic()
 
@@ -227,6 +230,30 @@ class NodeStream:
                 lost += 1
             time.sleep(0.05)
         return lost
+
+
+def stream_phase(stream: NodeStream, seconds: float, name: str) -> tuple[int, int, Any]:
+    """Stream frames at RATE_HZ for ``seconds``, re-sending the prompt until a result answers it (the prompt topic
+    is volatile); (start, end) wall ns and the finished RateLoop."""
+    first = len(stream.timed)
+    start_ns = time.time_ns()
+    loop = RateLoop(RATE_HZ, seconds, stream.tick, name).start()
+    while loop.running:
+        loop.join(1.0)
+        if loop.ticks and not any(t.prompt == stream.prompt for t in stream.timed[first:]):
+            stream.publish_prompt()
+    end_ns = time.time_ns()
+    if loop.error is not None:
+        raise RuntimeError(f"the stream failed: {loop.error!r}")
+    return start_ns, end_ns, loop
+
+
+def wait_until_quiet(side: Any, stream: NodeStream) -> float:
+    """Wait until the node has sent its last result (no result for a few engine times); the engine p50 so far."""
+    engine = percentile([t.engine_s for t in stream.timed], 50) if stream.timed else 1.0
+    quiet = max(1.0, 2.5 * engine)
+    side.wait_for(lambda: time.monotonic() - max(stream.last_result, 0.0) > quiet, min(30.0, 4 * quiet + 5))
+    return engine
 
 
 def summarise(timed: list[Timed], window_start_ns: int, window_end_ns: int) -> dict[str, Any]:
@@ -277,9 +304,10 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
         compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0,
-        prompt: str = PROMPT) -> dict[str, Any]:
+        prompt: str = PROMPT, absent_prompt: Optional[str] = ABSENT_PROMPT) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline); ``prompt`` is the standing prompt
-    (default: the frame's one yellow circle, answered with a mask); ``speculative``,
+    (default: the frame's one yellow circle, answered with a mask), ``absent_prompt`` the one of a shorter second
+    stream (default: an object the frame lacks; its figures go to ``no_target``; None skips it); ``speculative``,
     ``compile_image``, ``fuse_first_turn`` and ``num_threads`` set the node's speculative_decoding,
     compile_image, fuse_first_turn and num_threads parameters (fewer threads: a slower model, to see that
     frames still do not queue)."""
@@ -318,26 +346,25 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         diag.wait_fresh(side, time.monotonic(), 5.0)
         dropped_priming = int(diag.number("frames_dropped", 0))
         warmup_s = min(3.0, 0.2 * seconds)
-        start_ns = time.time_ns()
-        loop = RateLoop(RATE_HZ, seconds, stream.tick, "node_stream").start()
-        while loop.running:
-            loop.join(1.0)
-            if not stream.timed and loop.ticks:
-                stream.publish_prompt()  # until the node has it (the prompt topic is volatile)
-        end_ns = time.time_ns()
-        if loop.error is not None:
-            raise RuntimeError(f"the stream failed: {loop.error!r}")
-        engine_guess = percentile([t.engine_s for t in stream.timed], 50) if stream.timed else 1.0
-        quiet = max(1.0, 2.5 * engine_guess)
-        side.wait_for(lambda: time.monotonic() - max(stream.last_result, 0.0) > quiet, min(30.0, 4 * quiet + 5))
+        start_ns, end_ns, loop = stream_phase(stream, seconds, "node_stream")
+        engine_guess = wait_until_quiet(side, stream)
         diag.wait_fresh(side, time.monotonic(), 5.0)  # before the idle pings: the stream's own queue waits
         queue_wait = {k: rounded(diag.number(k)) for k in ("queue_wait_ms_p50", "queue_wait_ms_p95")}
         ping_timeout = max(2.0, 4 * engine_guess)
         ping_lost = stream.ping_pong(5 if quick else 15, ping_timeout)
+        figures = summarise([t for t in stream.timed if t.prompt == prompt], start_ns + int(warmup_s * 1e9), end_ns)
+        # the same stream with an absent object: "No target." answers (the image pass alone, no mask)
+        absent = None
+        if absent_prompt and absent_prompt != prompt:
+            stream.prompt = absent_prompt
+            absent_s = max(5.0, seconds / 3)
+            a_start, a_end, _ = stream_phase(stream, absent_s, "node_stream_absent")
+            wait_until_quiet(side, stream)
+            absent = {"prompt": absent_prompt, "seconds": absent_s, "warmup_s": 1.0,
+                      **summarise([t for t in stream.timed if t.prompt == absent_prompt], a_start + int(1e9), a_end)}
         diag.wait_fresh(side, time.monotonic(), 5.0)
         alive = node.alive
         rss_mb = psutil.Process(node.pid).memory_info().rss / 2**20 if alive else None
-        figures = summarise(stream.timed, start_ns + int(warmup_s * 1e9), end_ns)
         shutdown_s = node.stop()
         node = None
         out: dict[str, Any] = {
@@ -379,6 +406,11 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             **echo,
         }
         out.update(target_flags(out["overhead_ms_p50"], out["idle_overhead_ms_p50"], out["echo_ms_p50"]))
+        if absent is not None:
+            hop = out["echo_ms_p50"]
+            overhead = absent["overhead_ms_p50"]
+            absent["overhead_vs_echo"] = rounded(overhead / hop, 2) if hop and overhead is not None else None
+            out["no_target"] = absent
         out.update({"node_alive_at_end": alive, "node_rss_mb": rounded(rss_mb, 1) if rss_mb else None,
                     "node_startup_s": rounded(startup_s, 2), "node_shutdown_s": rounded(shutdown_s, 2)})
         from .path_profile import profile
