@@ -30,12 +30,12 @@ def engine_times(seconds: float, threads: int) -> dict[str, Any]:
     import torch
 
     from pixel_sail_ros.engine import PixelSailEngine
-    from pixel_sail_ros.ros.bench.node_bench import PROMPT
+    from pixel_sail_ros.ros.bench.node_bench import FRAME_INDEX, FRAME_SEED, HEIGHT, PROMPT, WIDTH
     from pixel_sail_ros.training.camera_frames import render_frame
 
     torch.set_num_threads(threads)
     engine = PixelSailEngine.from_pretrained(None, device="cpu")
-    frame = render_frame(7, 0, 640, 480).rgb  # the node suite's frame
+    frame = render_frame(FRAME_SEED, FRAME_INDEX, WIDTH, HEIGHT).rgb  # the node suite's frame
     for _ in range(3):
         engine.segment(frame, text=PROMPT)
     times = []

@@ -7,9 +7,9 @@ replaced before the worker saw it is counted as dropped, so users can see it in 
 Why the worker may wait a moment: when it frees up, the newest frame is on average half a camera period old
 (17 ms at 30 Hz), and that age is part of every result's latency. If that frame is already older than half
 a period and the next one is due within ``frame_wait`` seconds, starting on the next one gives a result
-about a period fresher for a wait of less than half a period. Opt-in (the node's ``frame_wait_ms``): it trades some output
-rate for fresher results, which paid in some measured runs of models as slow as the camera or slower and not
-in others (docs/PERFORMANCE.md).
+about a period fresher for a wait of less than half a period. Opt-in (the node's ``frame_wait_ms``): it trades
+some output rate for fresher results, which paid in some measured runs of models as slow as the camera or slower
+and not in others (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -163,22 +163,24 @@ class WorkQueue:
 
     def put_click(self, click: ClickRequest) -> bool:
         """Queue a click; False (and counted) when the queue is full."""
-        with self._cond:
-            if len(self.clicks) >= self.max_clicks:
-                self.clicks_rejected += 1
-                return False
-            self.clicks.append(click)
-            self._cond.notify_all()
-        _hand_over()
-        return True
+        if self._enqueue(self.clicks, click, self.max_clicks):
+            return True
+        self.clicks_rejected += 1  # the executor's thread is the only one that queues user commands
+        return False
 
     def put_call(self, call: ServiceCall) -> bool:
         """Queue a service call; False (and counted) when ``max_calls`` are already waiting."""
+        if self._enqueue(self.calls, call, self.max_calls):
+            return True
+        self.calls_rejected += 1
+        return False
+
+    def _enqueue(self, items: deque, item: Any, limit: int) -> bool:
+        """Append a user command and wake the worker; False when ``limit`` of them are already waiting."""
         with self._cond:
-            if len(self.calls) >= self.max_calls:
-                self.calls_rejected += 1
+            if len(items) >= limit:
                 return False
-            self.calls.append(call)
+            items.append(item)
             self._cond.notify_all()
         _hand_over()
         return True

@@ -10,7 +10,8 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("pixel_sail_ros.msg", reason="interfaces not built: run `make build`")
 
-from pixel_sail_ros.ros.bench.node_bench import ABSENT_PROMPT, HEIGHT, PROMPT, WIDTH, Timed, summarise  # noqa: E402
+from pixel_sail_ros.ros.bench.node_bench import (ABSENT_PROMPT, FRAME_INDEX, FRAME_SEED, HEIGHT, PROMPT,  # noqa: E402
+                                                 WIDTH, Timed, summarise)
 from pixel_sail_ros.ros.bench.soak import GARBAGE_KINDS, garbage_frame, rss_growth_pct  # noqa: E402
 
 from ..integration.node_harness import a_of_b  # noqa: E402
@@ -70,7 +71,7 @@ def test_the_standing_prompt_names_one_object_of_the_bench_frame() -> None:
     of its frame, and none."""
     from pixel_sail_ros.training.camera_frames import render_frame
 
-    objects = render_frame(7, 0, WIDTH, HEIGHT).scene.objects
+    objects = render_frame(FRAME_SEED, FRAME_INDEX, WIDTH, HEIGHT).scene.objects
 
     def count(phrase: str) -> int:
         color, shape = phrase.split()

@@ -34,9 +34,11 @@ log = logging.getLogger("pixel_sail_bench.node")
 
 WIDTH, HEIGHT, RATE_HZ = 640, 480, 30.0
 PRIME_TIMEOUT_S = 300.0  # the first answer, which with compile_image includes the compilation
-# The bench frame (render_frame(7, 0)) holds one yellow circle, beside purple stars and a purple triangle, so the
-# standing prompt is answered with a mask: the model's pixel decoder runs and the result carries a mask, as when a
-# robot sees what it was asked for. An absent object ("red circle" here) is answered "No target." without either.
+# The bench frame (render_frame(FRAME_SEED, FRAME_INDEX)) holds one yellow circle, beside purple stars and a purple
+# triangle, so the standing prompt is answered with a mask: the model's pixel decoder runs and the result carries a
+# mask, as when a robot sees what it was asked for. An absent object ("red circle" here) is answered "No target."
+# without either.
+FRAME_SEED, FRAME_INDEX = 7, 0
 PROMPT = "yellow circle"
 ABSENT_PROMPT = "red circle"  # then a shorter stream with this one: the "No target." path (``node["no_target"]``)
 
@@ -60,7 +62,7 @@ def resolve_model_dir(model_path: Optional[str]) -> tuple[str, str, Optional[str
     return str(Path(tmp) / "tiny"), "random", tmp
 
 
-def frame_message(width: int, height: int, seed: int = 7, index: int = 0) -> Any:
+def frame_message(width: int, height: int, seed: int = FRAME_SEED, index: int = FRAME_INDEX) -> Any:
     """A ShapesRef frame as a packed rgb8 Image, built once and re-stamped per publish (no per-frame work)."""
     from pixel_sail_ros.ros.image_conversion import numpy_to_image
     from pixel_sail_ros.training.camera_frames import render_frame
@@ -407,9 +409,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         }
         out.update(target_flags(out["overhead_ms_p50"], out["idle_overhead_ms_p50"], out["echo_ms_p50"]))
         if absent is not None:
-            hop = out["echo_ms_p50"]
-            overhead = absent["overhead_ms_p50"]
-            absent["overhead_vs_echo"] = rounded(overhead / hop, 2) if hop and overhead is not None else None
+            hops = target_flags(absent["overhead_ms_p50"], None, out["echo_ms_p50"])["overhead_vs_echo"]
+            absent["overhead_vs_echo"] = hops
             out["no_target"] = absent
         out.update({"node_alive_at_end": alive, "node_rss_mb": rounded(rss_mb, 1) if rss_mb else None,
                     "node_startup_s": rounded(startup_s, 2), "node_shutdown_s": rounded(shutdown_s, 2)})
