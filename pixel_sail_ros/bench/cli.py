@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-first-turn", default="on", choices=("on", "off"),
                    help="model and node suites: read the question (and its draft) in the image prefix's own decoder "
                         "pass (the engine's and the node's fuse_first_turn; default: on, as it is)")
+    p.add_argument("--keep-freed-memory", default="on", choices=("on", "off"),
+                   help="model, train and node suites: keep the memory each frame frees for the next (glibc malloc "
+                        "thresholds; pixel_sail_ros.allocator, the node's keep_freed_memory; default: on, as the node "
+                        "does)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model suite, and the node suite's "
                    "num_threads parameter (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
@@ -116,6 +120,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory == "on" and args.suite in ("model", "all", "train"):
+        from pixel_sail_ros.allocator import keep_freed_memory
+
+        why_not = keep_freed_memory()
+        if why_not:
+            logging.getLogger("pixel_sail_bench").warning("--keep-freed-memory on: not applied (%s)", why_not)
     if args.suite in ("model", "all"):
         from . import model_bench
 
@@ -145,6 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      seconds=seconds, quick=args.quick, frame_wait_ms=args.frame_wait_ms,
                                      speculative=args.speculative == "on", compile_image=args.compile_image == "on",
                                      fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0,
+                                     keep_freed_memory=args.keep_freed_memory == "on",
                                      **prompts)
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":

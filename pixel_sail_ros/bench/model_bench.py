@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pixel_sail_ros.allocator import keeps_freed_memory
 from pixel_sail_ros.engine import PixelSailEngine, resolve_decoding, static_decoding_for
 from pixel_sail_ros.model.compiled_image import CompiledImagePasses
 from pixel_sail_ros.model.static_decoding import StaticDecoding
@@ -308,6 +309,7 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
         "decoding": mode,
         "speculative": speculative,
         "compile_image": compile_image,
+        "keep_freed_memory": keeps_freed_memory(),  # this process's malloc keeps freed pages (allocator.py)
         "fused_first_turn": fuse,  # the question read in the prefix's pass: prefix_ms includes it
         "first_turn_tokens": turn,  # its tokens (question + draft), counted in prefill_gflop
         "answer_passes": max(r["passes"] for r in runs),  # decoder passes of "It is [SEG]." after the prefix

@@ -169,6 +169,7 @@ class PixelSailNode(LifecycleNode):
         self._pubs: dict[str, Any] = {}
         self._timers: list[Any] = []
         self._device_desc = "not loaded"
+        self._memory_desc = "off"  # keep_freed_memory: yes | no: why | off
         self._first_frame_warned = False
         self._log_handler = RosLogHandler(self.get_logger())
         logging.getLogger("pixel_sail_ros").addHandler(self._log_handler)
@@ -283,6 +284,13 @@ class PixelSailNode(LifecycleNode):
 
         path = self.p("model_path") or None
         device = self.p("device")
+        if self.p("keep_freed_memory"):
+            from pixel_sail_ros.allocator import keep_freed_memory
+
+            why_not = keep_freed_memory()
+            self._memory_desc = f"no: {why_not}" if why_not else "yes"
+            if why_not:
+                log_warning(self.get_logger(), f"keep_freed_memory: not applied ({why_not})")
         if self.p("num_threads") > 0:
             import torch
 
@@ -735,6 +743,7 @@ class PixelSailNode(LifecycleNode):
         values = {
             "device": self._device_desc,
             "model": getattr(self, "_model_desc", ""),
+            "keep_freed_memory": self._memory_desc,
             "results": self.results,
             "errors": self.errors,
             "frames_received": self._queue.frames.received,

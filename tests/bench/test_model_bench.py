@@ -36,6 +36,7 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
         assert e["weights"] in ("path", "bundled")
         assert e["speculative"] is True and e["answer_passes"] == 1  # "It is [SEG]." drafted, verified at once
         assert e["compile_image"] is False
+        assert e["keep_freed_memory"] is True  # the CLI's default, as the node's
         # the question and its draft were read in the prefix's pass, and their work is counted with it
         assert e["fused_first_turn"] is True and e["first_turn_tokens"] > 0
         assert e["prefill_gflop"] > e["prefix_gflop"]
@@ -57,13 +58,16 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
 
 @pytest.mark.slow
 def test_model_suite_with_compiled_image_passes_times_them(bench_model_dir: str) -> None:
-    """--compile-image on: the compiled decoder is still timed (it bypasses the module's hooks), the scripted
-    answer still yields its mask (the suite raises otherwise), and the engine figure is there."""
+    """--compile-image on (and --keep-freed-memory off): the compiled decoder is still timed (it bypasses the
+    module's hooks), the scripted answer still yields its mask (the suite raises otherwise), and the engine figure is
+    there."""
     code, doc, err = run_bench("--suite", "model", "--json", "--quick", "--presets", "tiny", "--compile-image", "on",
-                               "--device", "cpu", "--model-path", bench_model_dir, timeout=400)
+                               "--keep-freed-memory", "off", "--device", "cpu", "--model-path", bench_model_dir,
+                               timeout=400)
     assert code == 0, err[-3000:]
     for e in doc["model"]:
         assert e["compile_image"] is True and e["answer_passes"] == 1
+        assert e["keep_freed_memory"] is False
         assert 0 < e["decoder_ms_p50"] <= e["prefix_ms_p50"] < e["segment_ms_p50"], e
         assert e["engine_segment_ms_p50"] is not None and e["engine_segment_ms_p50"] > 0
 

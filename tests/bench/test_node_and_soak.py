@@ -34,6 +34,7 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     assert node["frames_sent"] >= 300 and node["stream_frames"] == 300  # 10 s at 30 Hz
     assert node["frame_wait_ms"] == 15.0 and node["node_num_threads"] == 1  # settings are reported with the figures
     assert node["compile_image"] is False and 0 < node["first_result_s"] < 60  # primed before the timed stream
+    assert node["keep_freed_memory"] == "yes"  # the node's own report: malloc's thresholds were fixed
     assert node["results"] > 0 and node["results_measured"] > 0
     assert node["results_for_unknown_frames"] == 0  # every result carries a header this run sent
     # the node's books balance: every frame it received was answered or counted as dropped

@@ -306,13 +306,14 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         quick: bool = False, echo_seconds: Optional[float] = None,
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
         compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0,
-        prompt: str = PROMPT, absent_prompt: Optional[str] = ABSENT_PROMPT) -> dict[str, Any]:
+        keep_freed_memory: bool = True, prompt: str = PROMPT,
+        absent_prompt: Optional[str] = ABSENT_PROMPT) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline); ``prompt`` is the standing prompt
     (default: the frame's one yellow circle, answered with a mask), ``absent_prompt`` the one of a shorter second
     stream (default: an object the frame lacks; its figures go to ``no_target``; None skips it); ``speculative``,
-    ``compile_image``, ``fuse_first_turn`` and ``num_threads`` set the node's speculative_decoding,
-    compile_image, fuse_first_turn and num_threads parameters (fewer threads: a slower model, to see that
-    frames still do not queue)."""
+    ``compile_image``, ``fuse_first_turn``, ``num_threads`` and ``keep_freed_memory`` set the node's parameters of
+    those names (``speculative``: speculative_decoding; fewer threads: a slower model, to see that frames still do
+    not queue)."""
     import psutil
 
     from pixel_sail_ros.ros.parameters import BY_NAME
@@ -335,7 +336,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                                                  "speculative_decoding": bool(speculative),
                                                  "compile_image": bool(compile_image),
                                                  "fuse_first_turn": bool(fuse_first_turn),
-                                                 "num_threads": int(num_threads)})
+                                                 "num_threads": int(num_threads),
+                                                 "keep_freed_memory": bool(keep_freed_memory)})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, prompt)
@@ -384,6 +386,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "compile_image": bool(compile_image),
             "fuse_first_turn": bool(fuse_first_turn),
             "node_num_threads": int(num_threads),
+            "keep_freed_memory": diag.values.get("keep_freed_memory"),  # what the node did: yes | no: why | off
             "first_result_s": rounded(prime_s, 2),
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),

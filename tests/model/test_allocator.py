@@ -1,0 +1,52 @@
+"""keep_freed_memory: a frame's worth of tensors freed and allocated again must not fault in fresh pages."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pixel_sail_ros import allocator
+
+# Ten 3 MiB tensors alive at once, then all freed: the model's per-frame pattern in small. With glibc's own
+# thresholds the 30 MiB freed at the heap's top passes the trim threshold (twice the largest block seen) and goes
+# back to the OS, so the next frame faults its pages in again.
+FRAME_PATTERN = textwrap.dedent("""
+    import resource, sys, torch
+    from pixel_sail_ros.allocator import keep_freed_memory
+    if sys.argv[1] == "keep":
+        reason = keep_freed_memory()
+        assert reason == "", reason
+    def frame():
+        held = [torch.empty(3 << 20, dtype=torch.uint8).fill_(1) for _ in range(10)]
+        del held
+    for _ in range(3):
+        frame()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        frame()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+""")
+
+
+def _faults_per_frame(mode: str) -> float:
+    out = subprocess.run([sys.executable, "-c", FRAME_PATTERN, mode], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_freed_frames_are_reused_without_page_faults():
+    default, kept = _faults_per_frame("default"), _faults_per_frame("keep")
+    assert default >= 10, f"glibc's own thresholds faulted only {default} pages per frame: the pattern no longer trims"
+    assert kept < 1, f"{kept} page faults per frame with keep_freed_memory (default: {default})"
+
+
+def test_without_glibc_it_says_why_and_changes_nothing(monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    monkeypatch.setattr(allocator, "_applied", False)
+    assert allocator.keep_freed_memory() == "the C library is musl, not glibc"
+    assert not allocator.keeps_freed_memory()
