@@ -45,6 +45,44 @@ def test_freed_frames_are_reused_without_page_faults():
     assert kept < 1, f"{kept} page faults per frame with keep_freed_memory (default: {default})"
 
 
+# The node's case: the bundled model answering its bench frame in a worker thread (whose allocations come from a
+# thread arena, not the main heap).
+ENGINE_IN_A_THREAD = textwrap.dedent("""
+    import resource, threading, torch
+    from pixel_sail_ros.allocator import keep_freed_memory
+    reason = keep_freed_memory()
+    assert reason == "", reason
+    torch.set_num_threads(2)
+    from pixel_sail_ros.engine import PixelSailEngine
+    from pixel_sail_ros.training.camera_frames import render_frame
+    engine = PixelSailEngine.from_pretrained(None, device="cpu")
+    rgb = render_frame(7, 0, 640, 480).rgb
+    out = {}
+    def work():
+        for _ in range(5):
+            engine.segment(rgb, "yellow circle")
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        masks = sum(len(engine.segment(rgb, "yellow circle").masks) for _ in range(20))
+        out["faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+        out["masks"] = masks
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    print(out["masks"], out["faults"])
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_the_bundled_model_answers_in_a_worker_thread_without_page_faults():
+    """Without the thresholds this faulted 77-2700 pages per answer (docs/PERFORMANCE.md); the mask path is timed,
+    so every answer must carry its mask."""
+    out = subprocess.run([sys.executable, "-c", ENGINE_IN_A_THREAD], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    masks, faults = out.stdout.split()[-2:]
+    assert int(masks) == 20
+    assert float(faults) < 20, f"{faults} minor page faults per answer"
+
+
 def test_without_glibc_it_says_why_and_changes_nothing(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     monkeypatch.setattr(allocator, "_applied", False)
