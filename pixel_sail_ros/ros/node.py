@@ -303,10 +303,26 @@ class PixelSailNode(LifecycleNode):
         self._model_desc = path or "bundled shapesref_tiny"
         if device == "auto" and str(engine.device) == "cpu":
             log_warning(self.get_logger(), "device:=auto found no usable CUDA GPU: running on the CPU")
+        self._suggest_bf16(engine)
         self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
         if engine.compile_image:
             self.get_logger().info("compile_image: the first frame of each image size compiles the image passes "
                                    "(tens of seconds on a small CPU)")
+
+    def _suggest_bf16(self, engine: Any) -> None:
+        """On a CPU with fast bfloat16 products, say once that dtype:=bfloat16 is faster (float32 stays the
+        default: the bundled model's recorded accuracy is float32's)."""
+        import torch
+
+        from pixel_sail_ros.cpu_features import fast_bf16_flags
+
+        if engine.device.type != "cpu" or engine.dtype != torch.float32 or self.p("dtype") != "auto":
+            return
+        flags = fast_bf16_flags()
+        if flags:
+            self.get_logger().info(
+                f"this CPU has {' and '.join(flags)}: dtype:=bfloat16 answers faster (bundled model, 640x480, 2-vCPU "
+                "AMX VM: 18 against 25-28 ms; held-out gIoU 0.854 against 0.856; README Performance)")
 
     def _release_engine(self) -> None:
         with self._engine_lock:

@@ -40,7 +40,14 @@ def _faults_per_frame(mode: str) -> float:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
 def test_freed_frames_are_reused_without_page_faults():
-    default, kept = _faults_per_frame("default"), _faults_per_frame("keep")
+    # glibc's own thresholds fault ~77 pages per frame here, but on a loaded machine a run now and then none (1 in
+    # 6 seen under load): the pattern counts as trimming if any of three runs faults
+    default = 0.0
+    for _ in range(3):
+        default = max(default, _faults_per_frame("default"))
+        if default >= 10:
+            break
+    kept = _faults_per_frame("keep")
     assert default >= 10, f"glibc's own thresholds faulted only {default} pages per frame: the pattern no longer trims"
     assert kept < 1, f"{kept} page faults per frame with keep_freed_memory (default: {default})"
 
