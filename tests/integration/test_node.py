@@ -23,6 +23,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, RegionOfInterest  # 
 from std_msgs.msg import String  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
+from pixel_sail_ros.cpu_features import fast_bf16_flags  # noqa: E402
 from pixel_sail_ros.msg import SegmentationResult  # noqa: E402
 from pixel_sail_ros.ros.image_conversion import numpy_to_image  # noqa: E402
 from pixel_sail_ros.ros.parameters import BY_NAME  # noqa: E402
@@ -428,6 +429,9 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
         assert key in values, key
     assert values["device"].startswith("cpu")
     assert values["keep_freed_memory"] == "yes"  # the default on glibc: malloc's thresholds were fixed at load
+    # dtype auto on the CPU is float32; a CPU with fast bf16 products gets the hint at start, others do not
+    hinted = "dtype:=bfloat16 answers faster" in node.output
+    assert hinted == bool(fast_bf16_flags()), node.output[-2000:]
     assert values["transport_loss_counted"] == "yes"  # Fast DDS numbers its samples, so losses are seen
     accepted, drafted = a_of_b(values["draft_tokens_accepted"])
     assert 0 < accepted <= drafted
