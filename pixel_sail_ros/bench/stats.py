@@ -12,6 +12,8 @@ import platform
 import threading
 from typing import Any, Optional, Sequence
 
+from pixel_sail_ros.cpu_features import fast_bf16_flags
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default); NaN for no values."""
@@ -88,6 +90,7 @@ def machine_info(extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_fast_bf16": fast_bf16_flags(),  # AMX / AVX512-BF16: what --dtype bfloat16 gains depends on them
         "python": platform.python_version(),
     }
     try:

@@ -9,6 +9,7 @@ import torch
 from pixel_sail_ros.bench import flops
 from pixel_sail_ros.bench.model_bench import Case, plan_cases
 from pixel_sail_ros.bench.scripted import ScriptedAnswers, fixed_answer
+from pixel_sail_ros.cpu_features import fast_bf16_flags
 from pixel_sail_ros.model.configuration_pixel_sail import PixelSailConfig
 
 from .conftest import run_bench
@@ -26,6 +27,7 @@ def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
                                "--device", "cpu", "--model-path", bench_model_dir, timeout=300)
     assert code == 0, err[-3000:]
     assert doc["suite"] == "model" and doc["machine"]["cpu_count"] >= 1
+    assert doc["machine"]["cpu_fast_bf16"] == fast_bf16_flags()  # the run says whether bf16 products are fast here
     entries = doc["model"]
     assert [e["resolution"] for e in entries] == [[320, 240], [640, 480]]
     cfg = PixelSailConfig.from_pretrained(bench_model_dir)  # the benched checkpoint's own switches count too
