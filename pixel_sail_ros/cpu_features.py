@@ -15,19 +15,24 @@ FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # as /proc/cpuinfo names them, fa
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(cpuinfo: Optional[str] = None) -> frozenset[str]:
-    """The first processor's feature flags in ``cpuinfo`` (default: this machine's /proc/cpuinfo; empty where
-    there is none, e.g. not Linux)."""
+def cpuinfo_field(name: str, cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The first processor's ``name`` field in ``cpuinfo`` (default: this machine's /proc/cpuinfo); None where
+    there is none (e.g. not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = CPUINFO.read_text()
         except OSError:
-            return frozenset()
+            return None
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> frozenset[str]:
+    """The first processor's feature flags (empty where /proc/cpuinfo has none)."""
+    return frozenset((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def fast_bf16_flags(flags: Optional[Iterable[str]] = None) -> list[str]:
@@ -36,4 +41,4 @@ def fast_bf16_flags(flags: Optional[Iterable[str]] = None) -> list[str]:
     return [f for f in FAST_BF16_FLAGS if f in have]
 
 
-__all__ = ["FAST_BF16_FLAGS", "cpu_flags", "fast_bf16_flags"]
+__all__ = ["FAST_BF16_FLAGS", "cpu_flags", "cpuinfo_field", "fast_bf16_flags"]

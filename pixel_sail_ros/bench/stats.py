@@ -12,7 +12,7 @@ import platform
 import threading
 from typing import Any, Optional, Sequence
 
-from pixel_sail_ros.cpu_features import fast_bf16_flags
+from pixel_sail_ros.cpu_features import cpuinfo_field, fast_bf16_flags
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -74,14 +74,7 @@ class PeakRSS:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def machine_info(extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:

@@ -25,6 +25,11 @@ def test_the_first_processors_flags_are_read():
     assert cpu_features.fast_bf16_flags(flags) == ["amx_bf16", "avx512_bf16"]
 
 
+def test_other_fields_are_read_from_the_first_processor():
+    assert cpu_features.cpuinfo_field("model name", SAPPHIRE_RAPIDS) == "Intel(R) Xeon(R) Processor"
+    assert cpu_features.cpuinfo_field("microcode", SAPPHIRE_RAPIDS) is None
+
+
 def test_a_cpu_without_bf16_instructions_gets_no_hint():
     assert cpu_features.fast_bf16_flags(cpu_features.cpu_flags(OLDER)) == []
     assert cpu_features.cpu_flags("model name : x\n") == frozenset()
@@ -33,6 +38,7 @@ def test_a_cpu_without_bf16_instructions_gets_no_hint():
 def test_no_cpuinfo_means_no_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_features, "CPUINFO", Path(tmp_path) / "missing")
     assert cpu_features.cpu_flags() == frozenset() and cpu_features.fast_bf16_flags() == []
+    assert cpu_features.cpuinfo_field("model name") is None
 
 
 def test_this_machines_flags_agree_with_proc_cpuinfo():
