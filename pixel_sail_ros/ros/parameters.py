@@ -44,7 +44,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "for the bundled model on a 2-core CPU, README Performance). The answers are the same either way; "
               "false = a separate pass after the image."),
     ParamSpec("keep_freed_memory", True, "Keep the memory each frame frees for the next frame instead of handing it "
-              "back to the OS (glibc's mmap and trim thresholds, process-wide): no page faults per frame, ~3-4 ms less "
+              "back to the OS (glibc's mmap and trim thresholds, process-wide): no page faults per frame, ~1-4 ms less "
               "per answer with a mask for the bundled model on a 2-core CPU (README Performance). RSS stays at its peak; "
               "a no-op, logged, without glibc.", read_only=True),
     ParamSpec("num_threads", 0, "CPU threads for the model (torch intra-op); 0 = torch's default. On a loaded CPU, "
