@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-freed-memory", default="on", choices=("on", "off"),
                    help="model, train and node suites: keep the memory each frame frees for the next (glibc malloc "
                         "thresholds; pixel_sail_ros.allocator, the node's keep_freed_memory; default: on, as the node "
-                        "does)")
+                        "does; the soak runs the node at its defaults)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model suite, and the node suite's "
                    "num_threads parameter (default: torch's own choice)")
     p.add_argument("--repeats", type=int, default=None,
