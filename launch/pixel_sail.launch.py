@@ -28,7 +28,9 @@ def generate_launch_description() -> LaunchDescription:
                               description="Parameter YAML; the arguments below override it"),
         DeclareLaunchArgument("model_path", default_value="", description="Checkpoint directory; empty = bundled model"),
         DeclareLaunchArgument("device", default_value="auto", description="auto | cpu | cuda | cuda:N"),
-        DeclareLaunchArgument("dtype", default_value="auto", description="auto | float32 | bfloat16 | float16 (bfloat16: faster on a CPU with AMX or AVX512-BF16)"),
+        DeclareLaunchArgument("dtype", default_value="auto",
+                              description="auto | float32 | bfloat16 | float16 (bfloat16: faster on a CPU with AMX "
+                                          "or AVX512-BF16)"),
         DeclareLaunchArgument("image_qos", default_value="sensor_data", choices=["sensor_data", "reliable"],
                               description="QoS of the camera subscription; must match the driver"),
         DeclareLaunchArgument("use_depth", default_value="false", choices=["true", "false"],
