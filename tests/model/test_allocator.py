@@ -61,15 +61,16 @@ ENGINE_IN_A_THREAD = textwrap.dedent("""
     assert reason == "", reason
     torch.set_num_threads(2)
     from pixel_sail_ros.engine import PixelSailEngine
+    from pixel_sail_ros.ros.bench.node_bench import FRAME_INDEX, FRAME_SEED, HEIGHT, PROMPT, WIDTH
     from pixel_sail_ros.training.camera_frames import render_frame
     engine = PixelSailEngine.from_pretrained(None, device="cpu")
-    rgb = render_frame(7, 0, 640, 480).rgb
+    rgb = render_frame(FRAME_SEED, FRAME_INDEX, WIDTH, HEIGHT).rgb  # the node suite's frame and prompt
     out = {}
     def work():
         for _ in range(5):
-            engine.segment(rgb, "yellow circle")
+            engine.segment(rgb, PROMPT)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        masks = sum(len(engine.segment(rgb, "yellow circle").masks) for _ in range(20))
+        masks = sum(len(engine.segment(rgb, PROMPT).masks) for _ in range(20))
         out["faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
         out["masks"] = masks
     thread = threading.Thread(target=work)
