@@ -5,6 +5,7 @@ Tolerances, bf16 weights and activations on the GPU against float32 on the CPU:
   and the mask logits' signs agree on ≥ 97 % of cells (random logits sit near zero, so a few flip);
 - the bundled model on ShapesRef scenes, through the engine: the same answers on ≥ 5 of 6 requests and a mean
   IoU ≥ 0.95 between the two engines' masks;
+- resizing the camera image: the GPU's within one grey level of the CPU's;
 - graph-replayed decoding with drafted answers against plain dynamic decoding, both bf16 on the GPU: ≥ 90 % of
   answers the same, mean mask IoU ≥ 0.98.
 """
@@ -51,6 +52,16 @@ def test_bf16_forward_on_the_gpu_matches_float32_on_the_cpu(model_factory, proce
         assert _relative_error(got.mask_logits[b], want.mask_logits[b]) <= 0.03
         signs = (got.mask_logits[b].float().cpu() > 0) == (want.mask_logits[b] > 0)
         assert signs.float().mean() >= 0.97
+
+
+def test_resizing_on_the_gpu_matches_the_cpu_within_one_grey_level(processor):
+    """The GPU rounds the float kernel's output; the CPU runs torch's uint8 kernel: one grey level apart at most."""
+    image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    cpu = processor.preprocess_image(image).pixel_values
+    gpu = processor.preprocess_image(image, device="cuda").pixel_values
+    assert gpu.device.type == "cuda"
+    one_level = 1.0 / (255.0 * min(processor.image_std))
+    assert (gpu.cpu() - cpu).abs().max() <= one_level * 1.01
 
 
 def test_the_decoder_avoids_cudnn_attention_which_rebuilds_per_shape(model_factory, processor, image_factory):

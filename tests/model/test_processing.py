@@ -82,6 +82,27 @@ def test_preprocess_resizes_and_rejects_bad_images(processor, image_factory):
         processor.preprocess_image(np.zeros((10, 10), dtype=np.uint8))
 
 
+@pytest.mark.parametrize("size", [(480, 640), (720, 1280), (37, 301)])
+def test_resize_gives_grey_levels_within_one_of_the_float_resize(processor, size):
+    """The resized image is an 8-bit image, as the camera's was, within one grey level of float antialiased
+    bilinear resizing (the CPU uses torch's uint8 kernel; other devices round the float one)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    image[: size[0] // 2] = 255  # a saturated half: resizing must not overflow
+    inputs = processor.preprocess_image(image)
+    p, (gh, gw) = processor.patch_size, inputs.grid_hw
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1, 1, 1)
+    grey = (inputs.pixel_values.view(gh, gw, 3, p, p).permute(2, 0, 3, 1, 4) * std + mean) * 255.0
+    grey = grey.reshape(3, gh * p, gw * p)
+    torch.testing.assert_close(grey, grey.round(), rtol=0, atol=2e-3)  # whole grey levels
+    reference = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(),
+                                                size=inputs.resized_hw, mode="bilinear", align_corners=False,
+                                                antialias=True)[0].clamp(0, 255)
+    assert (grey - reference).abs().max() <= 1.0 + 2e-3
+    assert grey.min() >= -2e-3 and grey.max() <= 255 + 2e-3
+
+
 def test_point_box_and_mask_prompts_cover_the_right_patches(processor):
     original, grid = (100, 200), (5, 10)  # 20 px per patch in the original image
     point = processor.prompt_coverage((45.0, 61.0), original, grid)
