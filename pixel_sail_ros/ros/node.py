@@ -158,7 +158,12 @@ class PixelSailNode(LifecycleNode):
         self._throttle = ThrottledLogger(self.get_logger())
         self._latency = RollingStats()
         self._engine_time = RollingStats()
+        # Where a frame's latency goes, stage by stage (diagnostics): the wire, the executor, the queue, the model,
+        # and the result's way out. A frame's age at the subscriber is their sum plus the hop back.
+        self._transport_in = RollingStats()  # the publisher's source timestamp → rmw received it here
+        self._callback_delay = RollingStats()  # rmw received it → the executor ran the image callback
         self._queue_wait = RollingStats()  # a prompt frame's arrival → the model starting on it
+        self._after_engine = RollingStats()  # the model done → the segmentation result published
         self.errors = 0
         self.results = 0
         self.frames_rejected = 0  # image messages that could not be decoded (counted in errors too)
@@ -405,6 +410,7 @@ class PixelSailNode(LifecycleNode):
 
     @guarded
     def _on_image(self, msg: Any, info: Any) -> None:
+        self._time_arrival(info, time.time_ns())
         self._count_transport_loss(info)
         try:
             rgb = self._decode(msg)
@@ -416,6 +422,18 @@ class PixelSailNode(LifecycleNode):
         # Paired on arrival, not when the worker gets to it: after a slow job the depth buffer has moved on.
         frame.depth = self._paired_depth(frame)
         self._queue.put_frame(frame)
+
+    def _time_arrival(self, info: Any, now_ns: int) -> None:
+        """Time the frame's way here from rmw's timestamps (system clock, ns): the wire (source → received; the
+        sender's clock, so only meaningful with clocks in sync, as on one machine) and the executor's delay
+        (received → this callback). Without message info (Humble) neither is measured."""
+        if not isinstance(info, dict):
+            return
+        received, source = info.get("received_timestamp") or 0, info.get("source_timestamp") or 0
+        if received:
+            self._callback_delay.add((now_ns - received) / 1e9)
+            if source:
+                self._transport_in.add((received - source) / 1e9)
 
     def _count_transport_loss(self, info: Any) -> None:
         """Frames the publisher sent that never reached this callback (best-effort reader overwritten or network
@@ -597,6 +615,7 @@ class PixelSailNode(LifecycleNode):
     def _answer(self, frame: Frame, text: str, points: list, boxes: list, describe: bool) -> SegmentationResult:
         """Run the model on one frame and publish every output; returns the SegmentationResult."""
         out = self._infer(frame.rgb, text, points, boxes, describe)
+        engine_done = time.monotonic()
         depth = frame.depth if frame.depth is not None else self._paired_depth(frame)  # it may have come late
         positions, num_points, cloud = self._lift_3d(frame, depth, out.masks)
         result = conversions.build_segmentation_result(
@@ -604,7 +623,7 @@ class PixelSailNode(LifecycleNode):
             masks=out.masks, scores=out.scores, labels=out.labels, positions=positions,
             inference_seconds=out.seconds, answer=" | ".join(out.answers), num_points=num_points,
         )
-        self._publish(frame, result, out, *self._in_target_frame(frame, positions, cloud))
+        self._publish(frame, result, out, engine_done, *self._in_target_frame(frame, positions, cloud))
         self.results += 1
         self._latency.add(time.monotonic() - frame.received)
         self._engine_time.add(out.seconds)
@@ -668,10 +687,11 @@ class PixelSailNode(LifecycleNode):
         moved = [None if p is None else tf.apply(np.asarray(p, dtype=np.float64)) for p in positions]
         return header, moved, (tf.apply(cloud) if cloud is not None else None), tf.rotation @ up
 
-    def _publish(self, frame: Frame, result: SegmentationResult, out: Any, header_3d: Header,
+    def _publish(self, frame: Frame, result: SegmentationResult, out: Any, engine_done: float, header_3d: Header,
                  positions: Optional[list], cloud: Optional[np.ndarray], up: np.ndarray) -> None:
         pubs = self._pubs
         pubs["segmentation"].publish(result)
+        self._after_engine.add(time.monotonic() - engine_done)
         label = visualization.label_image(out.masks, frame.rgb.shape[:2], scores=out.scores)
         pubs["mask"].publish(image_conversion.numpy_to_image(label, "mono8", frame.header))
         if out.description:
@@ -773,8 +793,10 @@ class PixelSailNode(LifecycleNode):
             "latency_ms_p50": round(1000 * self._latency.percentile(50), 2),
             "latency_ms_p95": round(1000 * self._latency.percentile(95), 2),
             "engine_ms_p50": round(1000 * self._engine_time.percentile(50), 2),
-            "queue_wait_ms_p50": round(1000 * self._queue_wait.percentile(50), 2),
-            "queue_wait_ms_p95": round(1000 * self._queue_wait.percentile(95), 2),
+            **{f"{name}_ms_p{q}": round(1000 * stats.percentile(q), 2)
+               for name, stats in (("transport_in", self._transport_in), ("callback_delay", self._callback_delay),
+                                   ("queue_wait", self._queue_wait), ("after_engine", self._after_engine))
+               for q in (50, 95)},
             "prompt": self._prompt,
         }
         if self._engine is not None:

@@ -437,8 +437,14 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
     values = diagnostics.latest()
     for key in ("device", "model", "results", "errors", "frames_received", "frames_dropped", "frames_rejected",
                 "frames_lost_in_transport", "transport_loss_counted", "latency_ms_p50", "output_rate_hz",
-                "queue_wait_ms_p50", "queue_wait_ms_p95"):
+                "queue_wait_ms_p50", "queue_wait_ms_p95", "transport_in_ms_p50", "callback_delay_ms_p95",
+                "after_engine_ms_p50"):
         assert key in values, key
+    # where a frame's time goes: rmw's timestamps on this machine's clock, so each stage is a real, small duration
+    for stage in ("transport_in", "callback_delay"):  # the frames published above
+        assert 0 <= float(values[f"{stage}_ms_p50"]) <= float(values[f"{stage}_ms_p95"]) < 5000, values
+    assert float(values["transport_in_ms_p50"]) + float(values["callback_delay_ms_p50"]) > 0.01, values
+    assert 0 < float(values["after_engine_ms_p50"]) < 5000, values  # the answers: result built and published
     assert values["device"].startswith("cpu")
     assert values["keep_freed_memory"] == "yes"  # the default on glibc: malloc's thresholds were fixed at load
     # dtype auto on the CPU is float32; a CPU with fast bf16 products gets the hint at start, others do not

@@ -8,9 +8,10 @@ timed against the publish time of the frame whose header it carries; then a shor
 object the frame lacks times the "No target." path (``no_target``). Receive times are rmw's own receive
 timestamps (wall clock), so the bench's executor delay is not charged to the node.
 
-``queue_wait_ms_p50/p95`` come from the node's /diagnostics as the stream ends (its last 200 answers): how long a
-frame sat in the node before the model started on it, the part of the streaming overhead that is waiting for the
-busy model rather than moving or converting data.
+Where the overhead goes, from the node's /diagnostics as the stream ends (its last 200 frames or answers), p50 and
+p95 of each stage: ``transport_in_ms`` (the frame's source timestamp → rmw received it in the node),
+``callback_delay_ms`` (→ the executor ran the image callback), ``queue_wait_ms`` (→ the model started on it: waiting
+for the busy model), then the engine, ``after_engine_ms`` (the model done → the result published), and the hop back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ PRIME_TIMEOUT_S = 300.0  # the first answer, which with compile_image includes t
 # without either.
 FRAME_SEED, FRAME_INDEX = 7, 0
 PROMPT = "yellow circle"
+#: The stages of a frame's way through the node that its /diagnostics time (``<stage>_ms_p50`` and ``_p95``).
+STAGES = ("transport_in", "callback_delay", "queue_wait", "after_engine")
 ABSENT_PROMPT = "red circle"  # then a shorter stream with this one: the "No target." path (``node["no_target"]``)
 
 
@@ -353,7 +356,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         start_ns, end_ns, loop = stream_phase(stream, seconds, "node_stream")
         engine_guess = wait_until_quiet(side, stream)
         diag.wait_fresh(side, time.monotonic(), 5.0)  # before the idle pings: the stream's own queue waits
-        queue_wait = {k: rounded(diag.number(k)) for k in ("queue_wait_ms_p50", "queue_wait_ms_p95")}
+        stages = {f"{stage}_ms_p{q}": rounded(diag.number(f"{stage}_ms_p{q}")) for stage in STAGES for q in (50, 95)}
         ping_timeout = max(2.0, 4 * engine_guess)
         ping_lost = stream.ping_pong(5 if quick else 15, ping_timeout)
         figures = summarise([t for t in stream.timed if t.prompt == prompt], start_ns + int(warmup_s * 1e9), end_ns)
@@ -391,7 +394,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),
             **figures,
-            **queue_wait,
+            **stages,
             "idle_e2e_ms_p50": rounded(1000 * percentile([t.e2e_s for t in stream.idle], 50)),
             "idle_overhead_ms_p50": rounded(1000 * percentile([t.e2e_s - t.engine_s for t in stream.idle], 50)),
             "idle_frames": len(stream.idle),
