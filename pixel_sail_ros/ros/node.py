@@ -692,8 +692,9 @@ class PixelSailNode(LifecycleNode):
         pubs = self._pubs
         pubs["segmentation"].publish(result)
         self._after_engine.add(time.monotonic() - engine_done)
-        label = visualization.label_image(out.masks, frame.rgb.shape[:2], scores=out.scores)
-        pubs["mask"].publish(image_conversion.numpy_to_image(label, "mono8", frame.header))
+        if pubs["mask"].get_subscription_count() > 0:  # a full-size image per frame: only built for a reader
+            label = visualization.label_image(out.masks, frame.rgb.shape[:2], scores=out.scores)
+            pubs["mask"].publish(image_conversion.numpy_to_image(label, "mono8", frame.header))
         if out.description:
             pubs["description"].publish(String(data=out.description))
         if pubs["debug_image"].get_subscription_count() > 0:

@@ -209,7 +209,7 @@ def test_standing_prompt_publishes_every_output_with_the_frame_header(client: Cl
     assert client.spin_until(lambda: pub_prompt.get_subscription_count() > 0 and pub_img.get_subscription_count() > 0, 20)
     i = 0
     end = time.monotonic() + 60
-    while time.monotonic() < end and not (got["seg"] and got["cloud"] and got["debug"] and got["markers"]):
+    while time.monotonic() < end and not all(got.values()):
         publish_frame(i)
         if i == 3:
             pub_prompt.publish(String(data=expr.text))
