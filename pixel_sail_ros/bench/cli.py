@@ -74,11 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absent-prompt", default=None,
                    help="node suite: the prompt of the shorter second stream, for an object the frame lacks (default: "
                         "'red circle'; its figures go to node.no_target; '' skips it)")
+    p.add_argument("--resolution", type=_resolution, default=None, metavar="WxH",
+                   help="your camera's size: the node and soak suites stream frames of it (default 640x480), the model "
+                        "suite adds an entry at it per preset")
     p.add_argument("--frame-wait-ms", type=float, default=None,
                    help="node suite: the node's frame_wait_ms parameter (default: the node's default)")
     p.add_argument("--output", default=None, help="also write the JSON document to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return p
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    """'1280x720' → (1280, 720)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
+    if not (16 <= width <= 8192 and 16 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"{text!r}: each side must be 16 to 8192 pixels")
+    return width, height
 
 
 def _presets(text: str) -> list[str]:
@@ -133,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        device=args.device, dtype=args.dtype, quick=args.quick, repeats=args.repeats,
                                        decoding=args.decoding, speculative=args.speculative == "on",
                                        compile_image=args.compile_image == "on",
-                                       fuse=args.fuse_first_turn == "on")
+                                       fuse=args.fuse_first_turn == "on", resolution=args.resolution)
     if args.suite == "train":
         from . import train_bench
 
@@ -149,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
         prompts = {"prompt": args.prompt} if args.prompt else {}
+        size = dict(zip(("width", "height"), args.resolution)) if args.resolution else {}
         if args.absent_prompt is not None:
             prompts["absent_prompt"] = args.absent_prompt or None  # '' skips the second stream
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
@@ -156,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      speculative=args.speculative == "on", compile_image=args.compile_image == "on",
                                      fuse_first_turn=args.fuse_first_turn == "on", num_threads=args.threads or 0,
                                      keep_freed_memory=args.keep_freed_memory == "on",
-                                     **prompts)
+                                     **size, **prompts)
         doc["node"]["transport"] = transport_kind
     if args.suite == "soak":
         from pixel_sail_ros.ros.bench import soak
@@ -165,7 +180,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = args.seconds
         else:
             seconds = 60.0 * (args.minutes if args.minutes is not None else (0.5 if args.quick else 10.0))
-        doc["soak"] = soak.run(model_path=args.model_path, device=args.device, dtype=args.dtype, seconds=seconds)
+        size = dict(zip(("width", "height"), args.resolution)) if args.resolution else {}
+        doc["soak"] = soak.run(model_path=args.model_path, device=args.device, dtype=args.dtype, seconds=seconds,
+                               **size)
         doc["soak"]["transport"] = transport_kind
     return doc
 

@@ -342,8 +342,10 @@ def run_case(subject: Subject, width: int, height: int, budget: Budget, decoding
 
 # --------------------------------------------------------------------------------------------- the suite
 
-def plan_cases(presets: Sequence[str], device: str, has_cuda: bool) -> list[Case]:
-    """tiny at 320×240 and 640×480 on the main device; 0.5b at 320×240 on the CPU, larger on CUDA."""
+def plan_cases(presets: Sequence[str], device: str, has_cuda: bool,
+               resolution: Optional[tuple[int, int]] = None) -> list[Case]:
+    """tiny at 320×240 and 640×480 on the main device; 0.5b at 320×240 on the CPU, larger on CUDA; with
+    ``resolution`` (a camera's size) also every preset at it on the main device, where not planned already."""
     if device == "cuda" and not has_cuda:
         raise ValueError("--device cuda asked for but CUDA is not available")
     main = "cuda" if has_cuda and device in ("auto", "cuda") else "cpu"
@@ -356,6 +358,9 @@ def plan_cases(presets: Sequence[str], device: str, has_cuda: bool) -> list[Case
                 cases.append(Case(preset, (320, 240), "cpu"))
             if main == "cuda":
                 cases += [Case(preset, (640, 480), "cuda"), Case(preset, (1024, 768), "cuda")]
+        extra = Case(preset, tuple(resolution), main) if resolution else None
+        if extra is not None and extra not in cases:
+            cases.append(extra)
     return cases
 
 
@@ -378,9 +383,9 @@ def _free(subject: Optional[Subject]) -> None:
 def run(presets: Sequence[str] = ("tiny", "0.5b"), model_path: Optional[str] = None, device: str = "auto",
         dtype: str = "auto", quick: bool = False, repeats: Optional[int] = None,
         decoding: str = "auto", speculative: bool = True, compile_image: bool = False,
-        fuse: bool = True) -> list[dict[str, Any]]:
+        fuse: bool = True, resolution: Optional[tuple[int, int]] = None) -> list[dict[str, Any]]:
     """The model suite: one entry per (preset, resolution, device), models loaded once per (preset, device)."""
-    cases = plan_cases(presets, device, torch.cuda.is_available())
+    cases = plan_cases(presets, device, torch.cuda.is_available(), resolution)
     entries: list[dict[str, Any]] = []
     subject: Optional[Subject] = None
     key: Optional[tuple[str, str]] = None

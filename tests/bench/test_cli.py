@@ -24,6 +24,11 @@ def test_parser_defaults_and_choices() -> None:
     assert (args.suite, args.minutes, args.seconds, args.transport) == ("soak", 2.0, None, "shm16")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--suite", "everything"])
+    assert args.resolution is None  # the suites' own sizes
+    assert build_parser().parse_args(["--resolution", "1280X720"]).resolution == (1280, 720)
+    for bad in ("1280", "1280x", "axb", "1280x720x3", "8x8", "100000x720"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--resolution", bad])
 
 
 @pytest.mark.skipif(shutil.which("pixel-sail-bench") is None, reason="console script not installed (pip install -e .)")

@@ -23,13 +23,13 @@ POSITIVE = ("prefix_ms_p50", "prefix_ms_p95", "segment_ms_p50", "describe_tokens
 
 @pytest.mark.slow
 def test_model_suite_quick_tiny_prints_sane_json(bench_model_dir: str) -> None:
-    code, doc, err = run_bench("--suite", "model", "--json", "--quick", "--presets", "tiny",
+    code, doc, err = run_bench("--suite", "model", "--json", "--quick", "--presets", "tiny", "--resolution", "1280x720",
                                "--device", "cpu", "--model-path", bench_model_dir, timeout=300)
     assert code == 0, err[-3000:]
     assert doc["suite"] == "model" and doc["machine"]["cpu_count"] >= 1
     assert doc["machine"]["cpu_fast_bf16"] == fast_bf16_flags()  # the run says whether bf16 products are fast here
     entries = doc["model"]
-    assert [e["resolution"] for e in entries] == [[320, 240], [640, 480]]
+    assert [e["resolution"] for e in entries] == [[320, 240], [640, 480], [1280, 720]]  # + the camera's size
     cfg = PixelSailConfig.from_pretrained(bench_model_dir)  # the benched checkpoint's own switches count too
     for e in entries:
         missing = [k for k in REQUIRED if k not in e]
@@ -91,6 +91,11 @@ def test_plan_cases_cpu_and_cuda() -> None:
     assert all(c.device == "cpu" for c in plan_cases(["tiny", "0.5b"], "cpu", has_cuda=True))
     with pytest.raises(ValueError, match="CUDA"):
         plan_cases(["tiny"], "cuda", has_cuda=False)
+    # a camera's size: one more entry per preset on the main device, next to that preset's others, none twice
+    camera = plan_cases(["tiny", "0.5b"], "auto", has_cuda=False, resolution=(1280, 720))
+    assert camera == cpu[:2] + [Case("tiny", (1280, 720), "cpu"), cpu[2], Case("0.5b", (1280, 720), "cpu")]
+    assert plan_cases(["tiny"], "auto", has_cuda=False, resolution=(640, 480)) == cpu[:2]
+    assert Case("0.5b", (1280, 720), "cuda") in plan_cases(["0.5b"], "auto", has_cuda=True, resolution=(1280, 720))
 
 
 def _tiny_prefix(model, processor):

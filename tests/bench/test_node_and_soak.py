@@ -26,13 +26,15 @@ NODE_KEYS = ("e2e_ms_p50", "e2e_ms_p95", "engine_ms_p50", "overhead_ms_p50", "ec
 @pytest.mark.timeout(240)
 def test_node_suite_short(bench_model_dir: str) -> None:
     code, doc, err = run_bench("--suite", "node", "--json", "--quick", "--seconds", "10", "--device", "cpu",
-                               "--model-path", bench_model_dir, "--frame-wait-ms", "15", "--threads", "1", timeout=200)
+                               "--model-path", bench_model_dir, "--frame-wait-ms", "15", "--threads", "1",
+                               "--resolution", "480x360", timeout=200)
     assert code == 0, err[-3000:]
     node = doc["node"]
     missing = [k for k in NODE_KEYS if k not in node]
     assert not missing, missing
     assert node["frames_sent"] >= 300 and node["stream_frames"] == 300  # 10 s at 30 Hz
     assert node["frame_wait_ms"] == 15.0 and node["node_num_threads"] == 1  # settings are reported with the figures
+    assert node["resolution"] == node["path_ms"]["frame"] == [480, 360]  # the camera size asked for, not 640x480
     assert node["compile_image"] is False and 0 < node["first_result_s"] < 60  # primed before the timed stream
     assert node["keep_freed_memory"] == "yes"  # the node's own report: malloc's thresholds were fixed
     assert node["results"] > 0 and node["results_measured"] > 0

@@ -1,7 +1,7 @@
 """The node suite: end-to-end latency of the running node against the cost of plain ROS transport.
 
-Timeline of one run: (1) a trivial rclpy echo in its own process gets 640×480 rgb8 frames at 30 Hz and
-sends them back — its round trip halved is the transport cost of one hop; (2) the node starts in its own
+Timeline of one run: (1) a trivial rclpy echo in its own process gets 640×480 (or ``width``×``height``) rgb8 frames
+at 30 Hz and sends them back — its round trip halved is the transport cost of one hop; (2) the node starts in its own
 process with the model, gets the same stream with a standing prompt (by default one the frame's objects answer,
 so each result has a mask; ``results_with_objects`` says how many did), and every ``segmentation`` result is
 timed against the publish time of the frame whose header it carries; then a shorter stream with a prompt for an
@@ -150,8 +150,8 @@ def echo_phase(side: Any, namespace: str, seconds: float, msg: Any) -> dict[str,
         side.node.destroy_publisher(pub)
     return {
         "echo_ms_p50": rounded(1000 * percentile(rtts, 50) / 2),
-        "echo_method": "round_trip_half: (echo receive - publish) / 2, two rclpy hops of the same 640x480 rgb8 "
-                       "frame through a separate process, measured before the node starts",
+        "echo_method": "round_trip_half: (echo receive - publish) / 2, two rclpy hops of the same rgb8 frame as "
+                       "the node's, through a separate process, measured before the node starts",
         "echo_rtt_ms_p50": rounded(1000 * percentile(rtts, 50)),
         "echo_rtt_ms_p95": rounded(1000 * percentile(rtts, 95)),
         "echo_frames_sent": len(book),
@@ -310,7 +310,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
         frame_wait_ms: Optional[float] = None, speculative: bool = True,
         compile_image: bool = False, fuse_first_turn: bool = True, num_threads: int = 0,
         keep_freed_memory: bool = True, prompt: str = PROMPT,
-        absent_prompt: Optional[str] = ABSENT_PROMPT) -> dict[str, Any]:
+        absent_prompt: Optional[str] = ABSENT_PROMPT, width: int = WIDTH, height: int = HEIGHT) -> dict[str, Any]:
     """The node suite's JSON object (see the module docstring for the timeline); ``prompt`` is the standing prompt
     (default: the frame's one yellow circle, answered with a mask), ``absent_prompt`` the one of a shorter second
     stream (default: an object the frame lacks; its figures go to ``no_target``; None skips it); ``speculative``,
@@ -326,7 +326,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
 
     directory, weights, tmp = resolve_model_dir(model_path)
     namespace, node_name = unique_names("pixel_sail_bench")
-    msg = frame_message(WIDTH, HEIGHT)
+    msg = frame_message(width, height)
     side = RosSide(namespace)
     node = None
     try:
@@ -378,7 +378,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "model_path": directory,
             "weights": weights,
             "device": diag.values.get("device"),
-            "resolution": [WIDTH, HEIGHT],
+            "resolution": [width, height],
             "encoding": "rgb8",
             "rate_hz": RATE_HZ,
             "seconds": seconds,
@@ -422,7 +422,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                     "node_startup_s": rounded(startup_s, 2), "node_shutdown_s": rounded(shutdown_s, 2)})
         from .path_profile import profile
 
-        out["path_ms"] = profile(WIDTH, HEIGHT, repeats=10 if quick else 30)
+        out["path_ms"] = profile(width, height, repeats=10 if quick else 30)
         return out
     finally:
         if node is not None:
