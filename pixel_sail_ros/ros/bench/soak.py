@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from .node_bench import StampBook, frame_message, resolve_model_dir, sensor_qos
+from .node_bench import HEIGHT, WIDTH, StampBook, frame_message, resolve_model_dir, sensor_qos
 from .ros_side import (DiagnosticsWatcher, RateLoop, RosSide, proc_fd_count, receive_ns, set_stamp_now, stamp_key,
                        start_node, unique_names)
 from pixel_sail_ros.bench.stats import percentile, rounded
@@ -211,7 +211,7 @@ def drain(side: RosSide, diag: DiagnosticsWatcher, driver: SoakDriver) -> bool:
 
 
 def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "auto", seconds: float = 600.0,
-        width: int = 640, height: int = 480) -> dict[str, Any]:
+        width: int = WIDTH, height: int = HEIGHT) -> dict[str, Any]:
     """The soak suite's JSON object; ``passed`` is the issue's targets (see ``checks``)."""
     directory, weights, tmp = resolve_model_dir(model_path)
     namespace, node_name = unique_names("pixel_sail_soak")
