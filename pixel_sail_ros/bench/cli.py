@@ -158,12 +158,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # bench traffic stays on this host
         transport_kind = transport.configure(args.transport)
+        size = dict(zip(("width", "height"), args.resolution)) if args.resolution else {}  # the camera's, if given
     if args.suite in ("node", "all"):
         from pixel_sail_ros.ros.bench import node_bench
 
         seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 30.0)
         prompts = {"prompt": args.prompt} if args.prompt else {}
-        size = dict(zip(("width", "height"), args.resolution)) if args.resolution else {}
         if args.absent_prompt is not None:
             prompts["absent_prompt"] = args.absent_prompt or None  # '' skips the second stream
         doc["node"] = node_bench.run(model_path=args.model_path, device=args.device, dtype=args.dtype,
@@ -180,7 +180,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = args.seconds
         else:
             seconds = 60.0 * (args.minutes if args.minutes is not None else (0.5 if args.quick else 10.0))
-        size = dict(zip(("width", "height"), args.resolution)) if args.resolution else {}
         doc["soak"] = soak.run(model_path=args.model_path, device=args.device, dtype=args.dtype, seconds=seconds,
                                **size)
         doc["soak"]["transport"] = transport_kind
