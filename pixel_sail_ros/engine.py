@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIDE = 8192  # larger frames are refused rather than resized (a wrong encoding or a corrupt header)
 MAX_PROMPT_TOKENS = 256
+WARM_UP_PHRASE = "the object"  # PixelSailEngine.warm_up's standing prompt
 _DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}  # the names are torch's own
 
 
@@ -246,6 +247,28 @@ class PixelSailEngine:
             if not self._drop_compilation(exc):
                 raise
         return self._segment(rgb, text, points, boxes, describe, start)
+
+    def warm_up(self, width: int, height: int) -> float:
+        """Answer a synthetic ``width`` x ``height`` image the ways a camera stream will (a phrase; a click,
+        described), so that the first real frame of that size does not pay the one-time costs: torch's kernel
+        choices and, on CUDA, its libraries' start-up; with ``compile_image`` the compilation of that image grid
+        (two question lengths, so the first-turn length is already symbolic); with ``decoding`` "compiled" or
+        "graphs" the compiled or captured one-token step. The pixel decoder runs even if the model found nothing.
+        Drafts and ``draft_stats`` are left as they were. Returns the seconds it took."""
+        if width < 1 or height < 1:
+            raise ValueError(f"warm-up size must be positive, got {width}x{height}")
+        start = time.perf_counter()
+        image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        drafts, stats = OrderedDict(self._previous_answers), dict(self.draft_stats)
+        try:
+            found = len(self.segment(image, WARM_UP_PHRASE).masks)
+            found += len(self.segment(image, points=[(width / 2, height / 2)], describe=True).masks)
+            if not found:
+                with torch.inference_mode():
+                    self._prefill(image, []).pixel_features  # noqa: B018 - computed on first access
+        finally:
+            self._previous_answers, self.draft_stats = drafts, stats
+        return time.perf_counter() - start
 
     def _drop_compilation(self, exc: BaseException) -> bool:
         """Turn off whatever runs through ``torch.compile`` after it failed; False when nothing did."""

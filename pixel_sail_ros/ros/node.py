@@ -175,6 +175,7 @@ class PixelSailNode(LifecycleNode):
         self._timers: list[Any] = []
         self._device_desc = "not loaded"
         self._memory_desc = "off"  # keep_freed_memory: yes | no: why | off
+        self._warmup_desc = "off"  # the last configure's warm-up: WxH in S s | off
         self._first_frame_warned = False
         self._log_handler = RosLogHandler(self.get_logger())
         logging.getLogger("pixel_sail_ros").addHandler(self._log_handler)
@@ -303,16 +304,34 @@ class PixelSailNode(LifecycleNode):
         t0 = time.monotonic()
         engine = PixelSailEngine.from_pretrained(path, device=device, dtype=self.p("dtype"), decoding=self.p("decoding"),
                                                  compile_image=self.p("compile_image"))
+        self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
+        self._warm_up(engine)
         self._engine = engine
         self._device_desc = f"{engine.device} ({str(engine.dtype).replace('torch.', '')})"
         self._model_desc = path or "bundled shapesref_tiny"
         if device == "auto" and str(engine.device) == "cpu":
             log_warning(self.get_logger(), "device:=auto found no usable CUDA GPU: running on the CPU")
         self._suggest_bf16(engine)
-        self.get_logger().info(f"model loaded in {time.monotonic() - t0:.2f} s")
         if engine.compile_image:
-            self.get_logger().info("compile_image: the first frame of each image size compiles the image passes "
-                                   "(tens of seconds on a small CPU)")
+            self.get_logger().info("compile_image: the first frame of each image size other than the warm-up's "
+                                   "compiles the image passes (tens of seconds on a small CPU)")
+
+    def _warm_up(self, engine: Any) -> None:
+        """Answer a synthetic frame of the camera's size (warmup_width x warmup_height) before going active; a
+        model that cannot fails configure, and the engine is closed."""
+        width, height = self.p("warmup_width"), self.p("warmup_height")
+        if not (width and height):
+            self._warmup_desc = "off"
+            return
+        if engine.compile_image or engine.decoding in ("compiled", "graphs"):
+            self.get_logger().info(f"warming up at {width}x{height}: compiling (tens of seconds on a small CPU)")
+        try:
+            seconds = engine.warm_up(width, height)
+        except Exception as exc:
+            engine.close()
+            raise RuntimeError(f"the warm-up frame ({width}x{height}) failed: {type(exc).__name__}: {exc}") from exc
+        self._warmup_desc = f"{width}x{height} in {seconds:.2f} s"
+        self.get_logger().info(f"warmed up: {self._warmup_desc}")
 
     def _suggest_bf16(self, engine: Any) -> None:
         """On a CPU with fast bfloat16 products, say once that dtype:=bfloat16 is faster (float32 stays the
@@ -781,6 +800,7 @@ class PixelSailNode(LifecycleNode):
             "device": self._device_desc,
             "model": getattr(self, "_model_desc", ""),
             "keep_freed_memory": self._memory_desc,
+            "warmup": self._warmup_desc,
             "results": self.results,
             "errors": self.errors,
             "frames_received": self._queue.frames.received,

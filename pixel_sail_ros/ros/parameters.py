@@ -28,12 +28,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("dtype", "auto", "auto | float32 | bfloat16 | float16. auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU.",
               choices=DTYPE_NAMES, read_only=True),
     ParamSpec("decoding", "auto", "How answers decode: auto (= dynamic) | dynamic | static | compiled | graphs. "
-              "compiled runs each decoded token through torch.compile over a fixed-size KV cache (the first frames "
-              "pay the compilation); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
+              "compiled runs each decoded token through torch.compile over a fixed-size KV cache (compiled by the "
+              "warm-up at configure, else by the first frames); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
               "Performance).", choices=DECODING_MODES, read_only=True),
     ParamSpec("compile_image", False, "Run the image prefix and the pixel decoder through torch.compile: ~5 ms less "
-              "per frame for the bundled model at 640x480 on a 2-core CPU (README Performance). The first frame of "
-              "each image size compiles (tens of seconds on a small CPU; frames meanwhile are dropped and counted). "
+              "per frame for the bundled model at 640x480 on a 2-core CPU (README Performance). The warm-up's image "
+              "size compiles at configure (warmup_width/height), any other size on its first frame (tens of seconds on "
+              "a small CPU; frames meanwhile are dropped and counted). "
               "On the CPU it needs a C++ compiler: without one the first request logs why and the node runs eagerly.",
               read_only=True),
     ParamSpec("speculative_decoding", True, "Draft each answer from the same question's previous answer (a standing "
@@ -47,6 +48,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "back to the OS (glibc's mmap and trim thresholds, process-wide): no page faults per frame, ~1-4 ms less "
               "per answer with a mask for the bundled model on a 2-core CPU (README Performance). RSS stays at its peak; "
               "a no-op, logged, without glibc.", read_only=True),
+    ParamSpec("warmup_width", 640, "Width of the synthetic frame the model answers at configure (a phrase, a click), "
+              "so the first camera frame of that size pays no start-up: kernel choices, CUDA libraries, and with "
+              "compile_image or decoding compiled/graphs the compilation or capture. Set it and warmup_height to "
+              "your camera's size; 0 = no warm-up.", min_value=0, max_value=8192, read_only=True),
+    ParamSpec("warmup_height", 480, "Height of the warm-up frame (see warmup_width); 0 = no warm-up.",
+              min_value=0, max_value=8192, read_only=True),
     ParamSpec("num_threads", 0, "CPU threads for the model (torch intra-op); 0 = torch's default. On a loaded CPU, "
               "fewer threads than cores avoids oversubscription.", min_value=0, max_value=1024, read_only=True),
     ParamSpec("mask_threshold", 0.5, "Sigmoid threshold that turns mask logits into a binary mask.", min_value=0.0, max_value=1.0),

@@ -37,6 +37,7 @@ def test_node_suite_short(bench_model_dir: str) -> None:
     assert node["resolution"] == node["path_ms"]["frame"] == [480, 360]  # the camera size asked for, not 640x480
     assert node["compile_image"] is False and 0 < node["first_result_s"] < 60  # primed before the timed stream
     assert node["keep_freed_memory"] == "yes"  # the node's own report: malloc's thresholds were fixed
+    assert node["warmup"].startswith("480x360 in ")  # the node warmed up at the stream's size, not its default
     assert node["results"] > 0 and node["results_measured"] > 0
     assert node["results_for_unknown_frames"] == 0  # every result carries a header this run sent
     # the node's books balance: every frame it received was answered or counted as dropped

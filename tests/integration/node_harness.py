@@ -105,12 +105,13 @@ class Client:
 
 
 @contextlib.contextmanager
-def active_node(namespace: str, params: dict[str, Any], client_name: str) -> Iterator[tuple[Client, NodeProcess]]:
+def active_node(namespace: str, params: dict[str, Any], client_name: str,
+                ready_s: float = 120.0) -> Iterator[tuple[Client, NodeProcess]]:
     """A node of its own (own process, as a user starts it), once active, and a client in its namespace."""
     proc = NodeProcess(namespace, params)
     client = Client(namespace, client_name)
     try:
-        assert proc.wait_for_log("active: waiting for frames", 120), proc.output
+        assert proc.wait_for_log("active: waiting for frames", ready_s), proc.output
         yield client, proc
     finally:
         client.close()

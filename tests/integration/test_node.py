@@ -7,6 +7,7 @@ other parameters or kill the node start their own.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -447,6 +448,7 @@ def test_diagnostics_report_counts(client: Client, node: NodeProcess, segment) -
     assert 0 < float(values["after_engine_ms_p50"]) < 5000, values  # the answers: result built and published
     assert values["device"].startswith("cpu")
     assert values["keep_freed_memory"] == "yes"  # the default on glibc: malloc's thresholds were fixed at load
+    assert re.fullmatch(r"640x480 in \d+\.\d\d s", values["warmup"]), values["warmup"]  # the default warm-up
     # dtype auto on the CPU is float32; a CPU with fast bf16 products gets the hint at start, others do not
     hinted = "dtype:=bfloat16 answers faster" in node.output
     assert hinted == bool(fast_bf16_flags()), node.output[-2000:]
@@ -550,11 +552,12 @@ def test_fuse_first_turn_can_be_switched_off_at_run_time(client: Client, node: N
 
 @pytest.mark.slow
 def test_a_node_with_compiled_image_passes_answers_like_the_model(ns: str, model_dir: str, reference) -> None:
-    """compile_image:=true reaches the engine (its log line), and the compiled node answers what the eager model
-    in this process answers: the first call waits for the compilation."""
+    """compile_image:=true reaches the engine (its log lines), the warm-up compiles the camera's size before the
+    node goes active, and the compiled node answers what the eager model in this process answers."""
     with active_node(ns + "_compiled", {"model_path": model_dir, "device": "cpu", "compile_image": True},
-                     "compiled_client") as (c, proc):
-        assert proc.wait_for_log("compile_image: the first frame of each image size compiles", 5), proc.output
+                     "compiled_client", ready_s=300.0) as (c, proc):
+        assert proc.wait_for_log("compile_image: the first frame of each image size other than the warm-up's", 5)
+        assert "warming up at 640x480: compiling" in proc.output and "warmed up: 640x480 in" in proc.output
         call = segment_caller(c)
         for index in (3, 4):  # the second frame reuses the first one's compiled passes (same size)
             frame = render_frame(SEED, index)
@@ -576,7 +579,7 @@ def test_every_parameter_is_declared_with_a_description(client: Client, node: No
 
 
 def test_lifecycle_deactivate_frees_model_and_activate_restores(ns: str, model_dir: str) -> None:
-    proc = NodeProcess(ns + "_lc", {"model_path": model_dir, "device": "cpu"})
+    proc = NodeProcess(ns + "_lc", {"model_path": model_dir, "device": "cpu", "warmup_width": 320, "warmup_height": 240})
     c = Client(ns + "_lc", "lc_client")
     try:
         assert proc.wait_for_log("active: waiting for frames", 120), proc.output
@@ -595,6 +598,7 @@ def test_lifecycle_deactivate_frees_model_and_activate_restores(ns: str, model_d
         assert c.spin_until(seg.service_is_ready, 20)
         frame = render_frame(SEED, 2, 160, 120)
         assert c.call(seg, Segment.Request(image=image_msg(frame.rgb, 1), text="red square")).success
+        assert proc.output.count("warmed up: 320x240 in") == 2  # the reloaded model warmed up again
     finally:
         c.close()
         took = proc.stop(sig=15)

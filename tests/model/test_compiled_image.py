@@ -103,3 +103,16 @@ def test_without_a_working_compiler_the_engine_answers_eagerly(engines, caplog):
     caplog.clear()
     _assert_same(eager.segment(image, text="blue square"), engine.segment(image, text="blue square"))
     assert "torch.compile failed" not in caplog.text  # said once
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_a_new_size_so_that_its_first_frame_compiles_nothing(engines):
+    eager, compiled = engines
+    before = _graphs()
+    compiled.warm_up(300, 100)  # 3:1, a grid no other test uses
+    assert _graphs() > before
+    image = np.ascontiguousarray(ShapesRefGenerator(seed=5, min_side=300, max_side=300).scene(0).image[:100])
+    before = _graphs()
+    request = {"text": "the small yellow star on the left", "points": [(40, 50)], "describe": True}
+    _assert_same(eager.segment(image, **request), compiled.segment(image, **request))
+    assert _graphs() == before

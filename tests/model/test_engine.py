@@ -6,6 +6,9 @@ after any question reads "It is [SEG]." or "No target.", while masks still come 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +79,40 @@ def test_no_target_answer_gives_no_masks(no_target_engine, image_factory):
     assert out.description == "no target."
     clicked = no_target_engine.segment(image_factory(64, 64), points=[(3, 3)])
     check_well_formed(clicked, 0, (64, 64))
+
+
+@contextlib.contextmanager
+def _pixel_decodings(engine: PixelSailEngine) -> Iterator[list[int]]:
+    """A list that grows by one each time the engine's model decodes pixel features (a forward hook)."""
+    calls: list[int] = []
+    handle = engine.model.image_feature_projector.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_warm_up_answers_a_frame_of_that_size_and_keeps_drafts_and_stats(seg_engine, image_factory):
+    image = image_factory(100, 300)
+    seg_engine.segment(image, text="red circle")  # a draft and statistics the warm-up must not change
+    drafts, stats = dict(seg_engine._previous_answers), dict(seg_engine.draft_stats)
+    grid = seg_engine.processor.preprocess_image(image_factory(70, 90)).grid_hw
+    assert grid not in seg_engine._prefix_statics
+    with _pixel_decodings(seg_engine) as decoded:
+        assert seg_engine.warm_up(90, 70) > 0
+    assert dict(seg_engine._previous_answers) == drafts and seg_engine.draft_stats == stats
+    assert grid in seg_engine._prefix_statics  # that size's per-grid inputs are built and kept
+    assert len(decoded) == 2  # a phrase and a click answered with masks: no extra pixel decoding
+    with pytest.raises(ValueError, match="must be positive"):
+        seg_engine.warm_up(0, 480)
+
+
+def test_warm_up_decodes_pixels_even_when_the_model_finds_nothing(no_target_engine, image_factory):
+    with _pixel_decodings(no_target_engine) as decoded:
+        no_target_engine.segment(image_factory(48, 64), text="red circle", points=[(3, 3)], describe=True)
+        assert decoded == []  # "No target." never needs the pixel decoder...
+        no_target_engine.warm_up(64, 48)
+    assert len(decoded) == 1  # ...but the warm-up runs it, so the first mask does not pay its start-up
 
 
 @pytest.mark.parametrize(

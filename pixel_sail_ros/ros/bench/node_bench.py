@@ -340,7 +340,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
                                                  "compile_image": bool(compile_image),
                                                  "fuse_first_turn": bool(fuse_first_turn),
                                                  "num_threads": int(num_threads),
-                                                 "keep_freed_memory": bool(keep_freed_memory)})
+                                                 "keep_freed_memory": bool(keep_freed_memory),
+                                                 "warmup_width": width, "warmup_height": height})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         stream = NodeStream(side, msg, prompt)
@@ -390,6 +391,7 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
             "fuse_first_turn": bool(fuse_first_turn),
             "node_num_threads": int(num_threads),
             "keep_freed_memory": diag.values.get("keep_freed_memory"),  # what the node did: yes | no: why | off
+            "warmup": diag.values.get("warmup"),  # the node's warm-up at configure, at the stream's size
             "first_result_s": rounded(prime_s, 2),
             "decoder_passes_per_answer": diag.number("decoder_passes_per_answer", -1),
             "answers_from_the_image_pass": diag.values.get("answers_from_the_image_pass"),

@@ -128,7 +128,7 @@ class ChildProcess:
         return time.monotonic() - t0
 
 
-def start_node(namespace: str, node_name: str, params: dict[str, Any], ready_timeout: float = 180.0) -> ChildProcess:
+def start_node(namespace: str, node_name: str, params: dict[str, Any], ready_timeout: float = 300.0) -> ChildProcess:
     """The pixel_sail node in its own process, waited on until it says it is active."""
     cmd = [sys.executable, "-m", "pixel_sail_ros.ros.node", *ros_args(namespace, node_name, params)]
     node = ChildProcess(cmd, "pixel_sail_node")

@@ -219,7 +219,8 @@ def run(model_path: Optional[str] = None, device: str = "auto", dtype: str = "au
     node = None
     try:
         t0 = time.monotonic()
-        node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype})
+        node = start_node(namespace, node_name, {"model_path": directory, "device": device, "dtype": dtype,
+                                                 "warmup_width": width, "warmup_height": height})
         startup_s = time.monotonic() - t0
         diag = DiagnosticsWatcher(side, node_name)
         driver = SoakDriver(side, width, height)
