@@ -5,12 +5,14 @@
 #   2. pixel-sail-bench --suite model on CUDA (tiny, 0.5b at 640x480 and 1024x768), once per BENCH_RUNS entry
 #      (decoding mode:speculative on|off, and a third field of extras joined by "+": "compile" for
 #      --compile-image on, "unfused" for --fuse-first-turn off);
+#   2a. with WARMUP_PROBE=1 (default): the first frame with and without a warm-up (scripts/warmup_probe.py);
 #   3. with TRAIN_MINUTES > 0: a training stage of the bundled model on the GPU, its learning rate on a cosine over
 #      that time (--schedule-over-time), then its held-out eval (EVAL_SAMPLES=0 skips it: evaluate on the CPU).
 #      With DEADLINE_S > 0, training gets whatever is left of that many seconds after steps 1-2 (minus a margin
 #      for start-up and saving), so the whole run ends inside one device call's limit.
-# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda_<mode>_<on|off>[_<extras>].json, and with training eval.json,
-# metrics.jsonl, config.json and the model split into model.safetensors.part-* (rejoin with `cat`).
+# Everything lands in $OUT (default outputs/device): log.txt, bench_cuda_<mode>_<on|off>[_<extras>].json,
+# warmup_probe.jsonl, and with training eval.json, metrics.jsonl, config.json and the model split into
+# model.safetensors.part-* (rejoin with `cat`).
 #
 # Pinned pure-python packages the machine lacks travel as wheels in .whl/ (`make device-wheels` fills it).
 # CPU dry run of the whole script (about a minute): DEVICE=cpu BENCH_RUNS="dynamic:off static:on" TRAIN_MINUTES=0.2 EVAL_SAMPLES=4 PYTHON=.venv/bin/python \
@@ -40,6 +42,7 @@ QUERY_PLACE_ON=${QUERY_PLACE_ON:-embedding}  # training: --aux-query-place-on (s
 P_ABSENT=${P_ABSENT:-0.4}    # training: --p-absent (stage 9)
 LR_SCALE=${LR_SCALE:-}       # training: --lr-scale, e.g. patch_stem=10 (empty: one rate for all)
 PROFILE=${PROFILE:-0}        # 1: also profile one segmentation request (scripts/profile_segment.py) into profile.txt
+WARMUP_PROBE=${WARMUP_PROBE:-1}  # 1: the first frame with and without a warm-up (scripts/warmup_probe.py) into warmup_probe.jsonl
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY=${PYTHON:-python3}
@@ -80,6 +83,14 @@ if [ "$BENCH" = 1 ]; then
             --speculative "$spec" --compile-image "$compile" --fuse-first-turn "$fuse" $BENCH_ARGS \
             --output "$OUT/bench_cuda_${mode}_$spec${extras:+_${extras//+/_}}.json" >/dev/null 2>>"$LOG" \
             || say "bench ($run) failed or timed out"
+    done
+fi
+if [ "$WARMUP_PROBE" = 1 ]; then  # the first frame with and without a warm-up, each in a cold process
+    probe_decoding=graphs; [ "$DEVICE" = cpu ] && probe_decoding=auto  # graphs are CUDA's
+    for warm in "" "--warm-up"; do
+        say "2a. warm-up probe ($DEVICE, decoding $probe_decoding${warm:+, warmed up})"
+        timeout 120 "$PY" scripts/warmup_probe.py --device "$DEVICE" --decoding "$probe_decoding" $warm \
+            >>"$OUT/warmup_probe.jsonl" 2>>"$LOG" || say "warm-up probe failed"
     done
 fi
 if [ "$PROFILE" = 1 ]; then

@@ -7,7 +7,7 @@ Tolerances, bf16 weights and activations on the GPU against float32 on the CPU:
   IoU ≥ 0.95 between the two engines' masks;
 - resizing the camera image: the GPU's within one grey level of the CPU's;
 - graph-replayed decoding with drafted answers against plain dynamic decoding, both bf16 on the GPU: ≥ 90 % of
-  answers the same, mean mask IoU ≥ 0.98.
+  answers the same, mean mask IoU ≥ 0.98; a warm-up captures the graph the first real frame replays.
 """
 
 from __future__ import annotations
@@ -132,6 +132,19 @@ def test_graph_replayed_decoding_answers_like_dynamic_decoding():
     assert graphs.draft_stats["accepted_tokens"] > 0  # drafts verified eagerly, then graph steps after a cut
     assert same >= 0.9 * total  # bf16 both ways; the masked-out cache tail may tip a rare near-tie
     assert ious and float(np.mean(ious)) >= 0.98
+
+
+def test_a_warm_up_captures_the_decoding_graph_that_the_first_real_frame_replays():
+    engine = PixelSailEngine.from_pretrained(BUNDLED, device="cuda", decoding="graphs")
+    scene = ShapesRefGenerator(seed=79, min_side=480, max_side=480).scene(0)
+    height, width = scene.image.shape[:2]
+    assert engine._static._graph is None
+    engine.warm_up(width, height)  # a phrase, then a click described: one-token steps, so a capture
+    graph, replays = engine._static._graph, engine._static.graph_replays
+    assert graph is not None and replays > 0
+    out = engine.segment(scene.image, points=[scene.objects[0].centroid], describe=True)
+    assert out.description and engine._static.graph_replays > replays  # the description's steps replayed...
+    assert engine._static._graph is graph  # ...from the warm-up's graph: nothing captured on the first frame
 
 
 def test_compiled_image_passes_on_the_gpu_answer_like_eager():
