@@ -323,7 +323,7 @@ class PixelSailNode(LifecycleNode):
         if not (width and height):
             self._warmup_desc = "off"
             return
-        if engine.compile_image or engine.decoding in ("compiled", "graphs"):
+        if engine.compile_image or engine.decoding == "compiled":
             self.get_logger().info(f"warming up at {width}x{height}: compiling (tens of seconds on a small CPU)")
         try:
             seconds = engine.warm_up(width, height)
