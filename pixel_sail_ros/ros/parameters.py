@@ -29,8 +29,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=DTYPE_NAMES, read_only=True),
     ParamSpec("decoding", "auto", "How answers decode: auto (= dynamic) | dynamic | static | compiled | graphs. "
               "compiled runs each decoded token through torch.compile over a fixed-size KV cache (compiled by the "
-              "warm-up at configure, else by the first frames); graphs replays it from a CUDA graph (CUDA only; not yet measured, README "
-              "Performance).", choices=DECODING_MODES, read_only=True),
+              "warm-up at configure, else by the first frames); graphs replays it from a CUDA graph (CUDA only; "
+              "not yet measured, README Performance).", choices=DECODING_MODES, read_only=True),
     ParamSpec("compile_image", False, "Run the image prefix and the pixel decoder through torch.compile: ~5 ms less "
               "per frame for the bundled model at 640x480 on a 2-core CPU (README Performance). The warm-up's image "
               "size compiles at configure (warmup_width/height), any other size on its first frame (tens of seconds on "

@@ -10,10 +10,13 @@ import sys
 from .conftest import ROOT
 
 
-def _probe(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "warmup_probe.py"), "--device", "cpu", "--threads", "1",
-                           "--width", "320", "--height", "240", "--frames", "3", *args],
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "warmup_probe.py"), *args],
                           capture_output=True, text=True, timeout=200, cwd=str(ROOT))
+
+
+def _probe(*args: str) -> dict:
+    proc = _run("--device", "cpu", "--threads", "1", "--width", "320", "--height", "240", "--frames", "3", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -31,6 +34,5 @@ def test_a_cold_and_a_warmed_process_answer_alike_and_only_the_warmed_one_warms_
 
 
 def test_it_refuses_a_single_frame() -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "warmup_probe.py"), "--frames", "1"],
-                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    proc = _run("--frames", "1")
     assert proc.returncode == 2 and "--frames must be at least 2" in proc.stderr
