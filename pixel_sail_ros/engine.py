@@ -253,8 +253,9 @@ class PixelSailEngine:
         described), so that the first real frame of that size does not pay the one-time costs: torch's kernel
         choices and, on CUDA, its libraries' start-up; with ``compile_image`` the compilation of that image grid
         (two question lengths, so the first-turn length is already symbolic); with ``decoding`` "compiled" or
-        "graphs" the compiled or captured one-token step. The pixel decoder runs even if the model found nothing.
-        Drafts and ``draft_stats`` are left as they were. Returns the seconds it took."""
+        "graphs" the compiled or captured one-token step. A model without visual prompts describes the phrase
+        instead of a click. The pixel decoder runs even if the model found nothing. Drafts and ``draft_stats``
+        are left as they were. Returns the seconds it took."""
         if width < 1 or height < 1:
             raise ValueError(f"warm-up size must be positive, got {width}x{height}")
         start = time.perf_counter()
@@ -262,7 +263,10 @@ class PixelSailEngine:
         drafts, stats = OrderedDict(self._previous_answers), dict(self.draft_stats)
         try:
             found = len(self.segment(image, WARM_UP_PHRASE).masks)
-            found += len(self.segment(image, points=[(width / 2, height / 2)], describe=True).masks)
+            if self.processor.num_visual_prompts:
+                found += len(self.segment(image, points=[(width / 2, height / 2)], describe=True).masks)
+            else:  # a text-only model: the phrase again, described (another question length all the same)
+                found += len(self.segment(image, WARM_UP_PHRASE, describe=True).masks)
             if not found:
                 with torch.inference_mode():
                     self._prefill(image, []).pixel_features  # noqa: B018 - computed on first access
@@ -292,6 +296,8 @@ class PixelSailEngine:
         point_list = _check_points(points, height, width)
         prompts = point_list + _check_boxes(boxes, height, width)
         n_points, n_prompts = len(point_list), len(prompts)
+        if n_prompts and not self.processor.num_visual_prompts:
+            raise ValueError("this model takes no visual prompts (num_visual_prompts is 0): give text only")
         if n_prompts > self.processor.num_visual_prompts:
             raise ValueError(f"at most {self.processor.num_visual_prompts} points and boxes together, got {n_prompts}")
         if not text and not prompts:

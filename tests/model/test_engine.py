@@ -115,6 +115,18 @@ def test_warm_up_decodes_pixels_even_when_the_model_finds_nothing(no_target_engi
     assert len(decoded) == 1  # ...but the warm-up runs it, so the first mask does not pay its start-up
 
 
+def test_a_text_only_model_warms_up_and_refuses_clicks_saying_why(tmp_path, model_factory, tokenizer, image_factory):
+    model = model_factory(3, num_visual_prompts=0)  # a checkpoint trained without visual prompts
+    model.save_pretrained(tmp_path)
+    PixelSailProcessor.from_config(model.config, tokenizer).save_pretrained(tmp_path)
+    engine = PixelSailEngine.from_pretrained(tmp_path, device="cpu", max_new_tokens=4)
+    with _pixel_decodings(engine) as decoded:
+        assert engine.warm_up(64, 48) > 0  # the phrase, then the phrase described: no click to refuse
+    assert len(decoded) >= 1
+    with pytest.raises(ValueError, match="no visual prompts"):
+        engine.segment(image_factory(48, 64), points=[(3, 3)])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
